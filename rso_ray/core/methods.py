@@ -1,0 +1,358 @@
+"""Training methods behind one interface: RSO (Algorithm 1), and the AdamW and GaLore baselines.
+
+A method owns the optimizers of a model and its learning-rate schedule. The training loop calls
+``zero_grad()``, runs backward, optionally clips ``trainable_parameters()``, then ``step()``; it never
+needs to know which method runs. ``state_dict()`` holds tensors and numbers only.
+
+    >>> import torch
+    >>> from rso_ray.models import build_model
+    >>> from rso_ray.core.methods import MethodConfig, build_method
+    >>> model = build_model("llama-micro", seed=0)
+    >>> method = build_method(model, MethodConfig(name="rso", rank=16, resample_every=4, total_steps=8))
+    >>> ids = torch.randint(0, 8192, (2, 32))
+    >>> for _ in range(4):
+    ...     method.zero_grad(); model(ids, labels=ids).loss.backward(); _ = method.step()
+    >>> method.outer_step, method.inner_steps     # one merge happened after 4 inner steps
+    (1, 0)
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .galore import GaLoreAdamW, GaLoreConfig
+from .rso import LLAMA_SHARED_INPUTS, LLAMA_TARGETS, RSOConfig, RSOHandle, apply_rso, match_targets
+from .schedule import WarmupCosine
+
+METHODS: tuple[str, ...] = ("rso", "adamw", "galore")
+
+# Short names of the inner optimizer; any other torch.optim class name or "pkg.module.Class" also works.
+INNER_OPTIMIZERS: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+}
+
+
+def resolve_optimizer(name: str) -> tuple[type[Optimizer], dict[str, Any]]:
+    """Optimizer class and default kwargs for ``name``: adam, adamw, sgd (momentum 0.9), any class in
+    torch.optim ("RMSprop", "torch.optim.NAdam"), or an importable "package.module.Class"."""
+    if name.lower() in INNER_OPTIMIZERS:
+        return INNER_OPTIMIZERS[name.lower()]
+    short = name.removeprefix("torch.optim.")
+    cls: Any = getattr(torch.optim, short, None)
+    if cls is None and "." in name:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError:
+            cls = None
+    if isinstance(cls, type) and issubclass(cls, Optimizer):
+        return cls, {}
+    raise ValueError(
+        f"unknown inner optimizer {name!r}; use one of {', '.join(INNER_OPTIMIZERS)}, a torch.optim class "
+        "name (e.g. RMSprop) or an importable 'package.module.Class' subclassing torch.optim.Optimizer"
+    )
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    """Optimizer settings shared by the three methods, plus the RSO and GaLore specifics."""
+
+    name: str = "rso"
+    """Training method: rso, adamw or galore."""
+    lr: float = 1e-3
+    """Peak learning rate (of B for RSO, of the projected update for GaLore, of every weight for AdamW).
+    Non-target parameters (embeddings, norms, lm_head) use it too, as in GaLore's scripts."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of the AdamW parts (0 in the GaLore/RSO recipe)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas, for every Adam in play."""
+    eps: float | None = None
+    """Adam epsilon; None means 1e-8 for rso/adamw and 1e-6 for galore (the defaults of each code base)."""
+    total_steps: int = 10_000
+    """Optimizer steps of the run (the cosine schedule ends there)."""
+    warmup_steps: int | None = None
+    """Linear warmup steps; None means 10% of total_steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to this fraction of the peak."""
+    rank: int = 128
+    """r of RSO's B / GaLore's projection."""
+    target_modules: str | list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+    """Layers trained by RSO or projected by GaLore (regex or names/suffixes)."""
+    projection: str = "haar"
+    """RSO: distribution of P (haar, gaussian, coordinate)."""
+    eta: float = math.inf
+    """RSO: proximal step (B's gradient gets B / eta); inf disables the term."""
+    resample_every: int = 200
+    """RSO: inner steps per subspace (tau)."""
+    shared_inputs: list[list[str]] = field(default_factory=lambda: [list(g) for g in LLAMA_SHARED_INPUTS])
+    """RSO: sibling layers that read the same input and share P."""
+    inner_optimizer: str = "adam"
+    """RSO: optimizer of B (adam, adamw, sgd, any torch.optim class, or package.module.Class)."""
+    inner_optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    """RSO: extra keyword arguments of the inner optimizer (e.g. {"momentum": 0.5} for sgd)."""
+    galore_update_proj_gap: int = 200
+    """GaLore: steps between projector refreshes."""
+    galore_scale: float = 0.25
+    """GaLore: scale of the projected-back update."""
+    seed: int = 0
+    """Seed of the random subspaces."""
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.name!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        self.schedule()  # validates warmup_steps and min_lr_ratio
+        if self.name == "rso":
+            self.rso_config()
+            resolve_optimizer(self.inner_optimizer)
+        elif self.name == "galore":
+            self.galore_config()
+
+    @property
+    def adam_eps(self) -> float:
+        if self.eps is not None:
+            return self.eps
+        return 1e-6 if self.name == "galore" else 1e-8
+
+    def schedule(self) -> WarmupCosine:
+        warmup = self.warmup_steps if self.warmup_steps is not None else int(0.1 * self.total_steps)
+        return WarmupCosine(self.total_steps, warmup, self.min_lr_ratio)
+
+    def rso_config(self) -> RSOConfig:
+        return RSOConfig(
+            rank=self.rank,
+            projection=self.projection,
+            eta=self.eta,
+            resample_every=self.resample_every,
+            target_modules=self.target_modules,
+            shared_inputs=self.shared_inputs,
+            seed=self.seed,
+        )
+
+    def galore_config(self) -> GaLoreConfig:
+        return GaLoreConfig(rank=self.rank, update_proj_gap=self.galore_update_proj_gap, scale=self.galore_scale)
+
+
+def _set_lr(optimizers: list[Optimizer], factor: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+
+def _with_initial_lr(opt: Optimizer) -> Optimizer:
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return opt
+
+
+def _state_tensors(opt: Optimizer) -> list[torch.Tensor]:
+    return [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+class TrainingMethod:
+    """Common driver: schedule, step counter, state dict. Subclasses set ``self.optimizers``."""
+
+    name = "base"
+
+    def __init__(self, model: nn.Module, config: MethodConfig):
+        self.model = model
+        self.config = config
+        self.schedule: Callable[[int], float] = config.schedule()
+        self.step_count = 0
+        self.optimizers: list[Optimizer] = []
+
+    # -- interface used by the training loop -------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def current_lr(self) -> float:
+        return self.config.lr * self.schedule(self.step_count)
+
+    def step(self) -> bool:
+        """One optimizer step at the scheduled learning rate. Returns True when it ended a subspace."""
+        _set_lr(self.optimizers, self.schedule(self.step_count))
+        for opt in self.optimizers:
+            opt.step()
+        self.step_count += 1
+        return False
+
+    def skip_step(self) -> None:
+        """Throw away this step's gradients (a non-finite loss); the model is untouched."""
+        self.zero_grad()
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the state holds nothing that lives only inside a subspace (always, for baselines)."""
+        return True
+
+    def optimizer_state_tensors(self) -> list[torch.Tensor]:
+        return [t for opt in self.optimizers for t in _state_tensors(opt)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_count, "optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(
+                f"checkpoint has {len(state['optimizers'])} optimizer states, this {self.name} run has "
+                f"{len(self.optimizers)}: was it written by another method?"
+            )
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+
+
+def _other_parameters(model: nn.Module, exclude: set[int]) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in exclude]
+
+
+class AdamWMethod(TrainingMethod):
+    """The full-rank baseline: AdamW on every parameter."""
+
+    name = "adamw"
+
+    def __init__(self, model: nn.Module, config: MethodConfig):
+        super().__init__(model, config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizers = [
+            _with_initial_lr(
+                torch.optim.AdamW(
+                    params, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
+                )
+            )
+        ]
+
+
+class GaLoreMethod(TrainingMethod):
+    """GaLore on the target linears, plain AdamW (same optimizer object, as in GaLore) on the rest."""
+
+    name = "galore"
+
+    def __init__(self, model: nn.Module, config: MethodConfig):
+        super().__init__(model, config)
+        gcfg = config.galore_config()
+        modules = dict(model.named_modules())
+        targets = [modules[n].weight for n in match_targets(model, config.target_modules)]
+        for name in match_targets(model, config.target_modules):
+            lin = modules[name]
+            assert isinstance(lin, nn.Linear)
+            if gcfg.rank > min(lin.weight.shape):
+                raise ValueError(
+                    f"rank {gcfg.rank} is larger than the smaller dimension {min(lin.weight.shape)} of layer {name!r}"
+                )
+        ids = {id(p) for p in targets}
+        groups: list[dict[str, Any]] = [
+            {"params": _other_parameters(model, ids)},
+            {"params": targets, "rank": gcfg.rank, "update_proj_gap": gcfg.update_proj_gap, "scale": gcfg.scale},
+        ]
+        self.optimizers = [
+            _with_initial_lr(
+                GaLoreAdamW(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay)
+            )
+        ]
+
+
+class RSOMethod(TrainingMethod):
+    """Algorithm 1: an inner optimizer on the B matrices, reset every ``resample_every`` steps when
+    W <- W + P B and P is resampled; AdamW with persistent state on the non-target parameters."""
+
+    name = "rso"
+
+    def __init__(self, model: nn.Module, config: MethodConfig, handle: RSOHandle | None = None):
+        super().__init__(model, config)
+        self.rso = config.rso_config()
+        self.handle = handle if handle is not None else apply_rso(model, self.rso)
+        self.outer_step = 0
+        self.inner_steps = 0
+        cls, defaults = resolve_optimizer(config.inner_optimizer)
+        kwargs = {**defaults, **config.inner_optimizer_kwargs}
+        if cls in (torch.optim.Adam, torch.optim.AdamW):
+            kwargs.setdefault("betas", config.betas)
+            kwargs.setdefault("eps", config.adam_eps)
+        try:
+            self.inner = _with_initial_lr(cls(self.handle.b_parameters(), lr=config.lr, **kwargs))
+        except TypeError as err:
+            raise ValueError(f"inner optimizer {config.inner_optimizer!r} rejected its arguments {kwargs}: {err}") from err
+        b_ids = {id(b) for b in self.handle.b_parameters()}
+        others = _other_parameters(model, b_ids)
+        self.outer = _with_initial_lr(
+            torch.optim.AdamW(
+                others, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
+            )
+        )
+        self.optimizers = [self.inner, self.outer]
+
+    def step(self) -> bool:
+        if math.isfinite(self.rso.eta):
+            # Gradient of the proximal term ||B||^2 / (2 eta), after any clipping of the data gradient.
+            for b in self.handle.b_parameters():
+                if b.grad is not None:
+                    b.grad.add_(b.detach(), alpha=1.0 / self.rso.eta)
+        super().step()
+        self.inner_steps += 1
+        if self.inner_steps >= self.rso.resample_every:
+            self.end_subspace(merge=True)
+            return True
+        return False
+
+    def end_subspace(self, *, merge: bool) -> None:
+        """Close the current subproblem: merge it into W (or drop it), empty the inner state, draw a new P."""
+        if merge:
+            self.handle.merge()
+        else:
+            self.handle.discard()
+        self.inner.state.clear()  # a fresh Adam for the next subproblem, as Algorithm 1 prescribes
+        self.outer_step += 1
+        self.inner_steps = 0
+        self.handle.resample(self.outer_step)
+
+    def skip_step(self) -> None:
+        """A non-finite loss inside a subspace: drop B and resample; W and the step count are untouched."""
+        self.zero_grad()
+        self.end_subspace(merge=False)
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.inner_steps == 0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(outer_step=self.outer_step, inner_steps=self.inner_steps)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.outer_step = int(state["outer_step"])
+        self.inner_steps = int(state["inner_steps"])
+        self.handle.resample(self.outer_step)  # P is a function of (seed, outer step, group)
+
+
+METHOD_BUILDERS: dict[str, Callable[[nn.Module, MethodConfig], TrainingMethod]] = {
+    "rso": RSOMethod,
+    "adamw": AdamWMethod,
+    "galore": GaLoreMethod,
+}
+
+
+def build_method(model: nn.Module, config: MethodConfig) -> TrainingMethod:
+    """Set up ``config.name`` on ``model`` (RSO wraps the target layers in place)."""
+    return METHOD_BUILDERS[config.name](model, config)
