@@ -112,10 +112,13 @@ class MemoryBreakdown:
     optimizer_states: int
     activations: int
     activations_in_blocks: int
+    target_optimizer_states: int = 0
+    """Optimizer-state tensors of the target layers (their weights, or RSO's B), scalars excluded."""
     peak_allocated: int | None = None
 
     @property
     def total(self) -> int:
+        """Parameters + gradients + optimizer states + activations (not the allocator's peak)."""
         return self.parameters + self.gradients + self.optimizer_states + self.activations
 
     def as_dict(self) -> dict[str, int | None]:
@@ -152,6 +155,7 @@ def measure_step(
     grads = unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
     method.step()
     states = unique_bytes(method.optimizer_state_tensors())
+    target_states = unique_bytes(t for t in method.optimizer_state_tensors(method.target_parameters()) if t.dim() > 0)
     peak = None
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -164,6 +168,7 @@ def measure_step(
         optimizer_states=states,
         activations=counter.total_bytes,
         activations_in_blocks=counter.block_bytes,
+        target_optimizer_states=target_states,
         peak_allocated=peak,
     )
 

@@ -160,10 +160,6 @@ def _with_initial_lr(opt: Optimizer) -> Optimizer:
     return opt
 
 
-def _state_tensors(opt: Optimizer) -> list[torch.Tensor]:
-    return [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-
-
 class TrainingMethod:
     """Common driver: schedule, step counter, state dict. Subclasses set ``self.optimizers``."""
 
@@ -179,6 +175,11 @@ class TrainingMethod:
     # -- interface used by the training loop -------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+
+    def target_parameters(self) -> list[nn.Parameter]:
+        """The parameters standing for the target layers: their weights, or RSO's B matrices."""
+        modules = dict(self.model.named_modules())
+        return [modules[n].weight for n in match_targets(self.model, self.config.target_modules)]
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -204,8 +205,17 @@ class TrainingMethod:
         """True when the state holds nothing that lives only inside a subspace (always, for baselines)."""
         return True
 
-    def optimizer_state_tensors(self) -> list[torch.Tensor]:
-        return [t for opt in self.optimizers for t in _state_tensors(opt)]
+    def optimizer_state_tensors(self, params: list[nn.Parameter] | None = None) -> list[torch.Tensor]:
+        """Tensors of the optimizer states (of ``params`` only, if given)."""
+        keep = None if params is None else {id(p) for p in params}
+        return [
+            v
+            for opt in self.optimizers
+            for p, state in opt.state.items()
+            if keep is None or id(p) in keep
+            for v in state.values()
+            if isinstance(v, torch.Tensor)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "optimizers": [opt.state_dict() for opt in self.optimizers]}
@@ -294,12 +304,18 @@ class RSOMethod(TrainingMethod):
             raise ValueError(f"inner optimizer {config.inner_optimizer!r} rejected its arguments {kwargs}: {err}") from err
         b_ids = {id(b) for b in self.handle.b_parameters()}
         others = _other_parameters(model, b_ids)
-        self.outer = _with_initial_lr(
-            torch.optim.AdamW(
-                others, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
+        self.outer: Optimizer | None = None
+        self.optimizers = [self.inner]
+        if others:  # a model made only of target layers has nothing else to train
+            self.outer = _with_initial_lr(
+                torch.optim.AdamW(
+                    others, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
+                )
             )
-        )
-        self.optimizers = [self.inner, self.outer]
+            self.optimizers.append(self.outer)
+
+    def target_parameters(self) -> list[nn.Parameter]:
+        return self.handle.b_parameters()
 
     def step(self) -> bool:
         if math.isfinite(self.rso.eta):

@@ -22,10 +22,15 @@ import torch.nn.functional as F
 from .layer import autocast_off, compute_dtype
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 for the elementwise maths (float64 stays float64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        xf = x.float()
+        xf = _upcast(x)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         y = (xf * rstd).to(x.dtype) * weight.to(x.dtype)
         ctx.save_for_backward(x, rstd, weight)  # x is (..., n); rstd is tiny; weight is a parameter
@@ -34,14 +39,14 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, rstd, weight = ctx.saved_tensors
-        xhat = x.float() * rstd  # recomputed, (..., n)
-        dyf = dy.float()
+        xhat = _upcast(x) * rstd  # recomputed, (..., n)
+        dyf = _upcast(dy)
         dw = None
         if ctx.needs_input_grad[1]:
             dw = (dyf * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
         dx = None
         if ctx.needs_input_grad[0]:
-            g = dyf * weight.float()
+            g = dyf * _upcast(weight)
             # d/dx of x * rstd(x): rstd * (g - xhat * mean(g * xhat))
             dx = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
         return dx, dw, None
@@ -61,13 +66,13 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        gf = gate.float()
+        gf = _upcast(gate)
         sig = torch.sigmoid(gf)
         silu = gf * sig
-        dhf = dh.float()
+        dhf = _upcast(dh)
         dup = (dhf * silu).to(up.dtype)
         # silu'(g) = sig * (1 + g * (1 - sig))
-        dgate = (dhf * up.float() * sig * (1.0 + gf * (1.0 - sig))).to(gate.dtype)
+        dgate = (dhf * _upcast(up) * sig * (1.0 + gf * (1.0 - sig))).to(gate.dtype)
         return dgate, dup
 
 
@@ -93,16 +98,17 @@ class _ChunkedCEFn(torch.autograd.Function):
     ) -> torch.Tensor:
         # hidden: (T, n); weight: (V, n); labels: (T,)
         valid = labels != ignore_index
-        denom = valid.sum().clamp(min=1).float()  # a tensor: no host sync, and traceable on meta
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # softmax/accumulation precision
+        denom = valid.sum().clamp(min=1).to(acc)  # a tensor: no host sync, and traceable on meta
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_dh else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         with autocast_off(hidden.device.type):
             w = weight.to(dtype)
             for lo, hi in _chunks(hidden.shape[0], chunk):
                 h = hidden[lo:hi].to(dtype)  # (c, n)
-                logits = (h @ w.t()).float()  # (c, V): the only tokens x vocab tensor, one chunk at a time
+                logits = (h @ w.t()).to(acc)  # (c, V): the only tokens x vocab tensor, one chunk at a time
                 lab = labels[lo:hi]
                 ok = valid[lo:hi]
                 safe = torch.where(ok, lab, torch.zeros_like(lab))
@@ -114,12 +120,12 @@ class _ChunkedCEFn(torch.autograd.Function):
                 # d loss / d logits = (softmax - onehot) / n_valid, zero on ignored rows
                 p = torch.exp(logits.sub_(lse[:, None]))
                 p[torch.arange(hi - lo, device=p.device), safe] -= 1.0
-                p.mul_((ok.float() / denom)[:, None])
+                p.mul_((ok.to(acc) / denom)[:, None])
                 pc = p.to(dtype)
                 if grad_h is not None:
                     grad_h[lo:hi] = (pc @ w).to(hidden.dtype)  # (c, V) @ (V, n)
                 if grad_w is not None:
-                    grad_w.add_((pc.t() @ h).float())  # (V, c) @ (c, n)
+                    grad_w.add_((pc.t() @ h).to(acc))  # (V, c) @ (c, n)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (grad_h is not None, grad_w is not None)
         ctx.weight_dtype = weight.dtype

@@ -68,14 +68,16 @@ class RSOConfig:
 
 
 def match_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Full names of the modules ``targets`` selects, in model order. Raises when nothing matches or a
-    match is not an nn.Linear."""
+    """Full names of the modules ``targets`` selects, in model order. A regex (str) is matched against the
+    full names of the nn.Linear modules; a list names modules exactly or by dotted suffix, and naming a
+    module that is not an nn.Linear is an error. Raises when nothing matches."""
     names: list[str] = []
     for name, module in model.named_modules():
         if not name:
             continue
         if isinstance(targets, str):
-            hit = re.fullmatch(targets, name) is not None
+            # A regex selects among the linears (".*attn.*" should not trip over the attention module).
+            hit = isinstance(module, (nn.Linear, RSOLinear)) and re.fullmatch(targets, name) is not None
         else:
             hit = any(name == t or name.endswith("." + t) for t in targets)
         if not hit:

@@ -105,11 +105,11 @@ def rotary_tables(
     seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (seq, 1, head_dim), HF's layout (the two halves repeat the same frequencies)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+    pos = torch.arange(seq_len, device=device, dtype=dtype)
     freqs = torch.outer(pos, inv_freq)  # (s, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (s, d)
-    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+    return emb.cos()[:, None, :], emb.sin()[:, None, :]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -185,9 +185,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        rope = rotary_tables(
-            input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device, torch.float32
-        )
+        table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        rope = rotary_tables(input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device, table_dtype)
         for layer in self.layers:
             x = layer(x, rope)
         return self.norm(x)
@@ -225,7 +224,8 @@ class LlamaForCausalLM(nn.Module):
             )
         hidden = self.model(input_ids)  # (b, s, d)
         if labels is None:
-            return CausalLMOutput(logits=self.lm_head(hidden).float())
+            logits = self.lm_head(hidden)
+            return CausalLMOutput(logits=logits.float() if logits.dtype != torch.float64 else logits)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         # Token t predicts label t+1.
