@@ -41,12 +41,12 @@ def test_gradients_and_optimizer_states() -> None:
     cfg = model_config("llama-micro")
     n, f, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     r = 16
-    model, method, adam = _measure("adamw", r)
+    model, _, adam = _measure("adamw", r)
     params = sum(p.numel() for p in model.parameters())
     target = L * (4 * n * n + 3 * n * f)
     assert adam.parameters == adam.gradients == params * 4
     assert adam.target_optimizer_states == 2 * target * 4
-    model, method, rso = _measure("rso", r)
+    _, _, rso = _measure("rso", r)
     b_numel = L * r * (4 * n + 2 * f + n)  # B is r x out: q,k,v,o,gate,up,down
     others = params - target
     assert rso.gradients == (b_numel + others) * 4  # no weight gradient for the targets

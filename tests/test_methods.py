@@ -302,9 +302,9 @@ def test_no_matching_targets() -> None:
     model = build_model("llama-micro")
     with pytest.raises(ValueError, match=r"no module matches target_modules=\['query'\]; the model's nn.Linear modules are: model.layers.0"):
         apply_rso(model, RSOConfig(target_modules=["query"]))
-    with pytest.raises(ValueError, match="no module matches target_modules='.*attention.*'"):
+    with pytest.raises(ValueError, match=r"no module matches target_modules='\.\*attention\.\*'"):
         apply_rso(model, RSOConfig(target_modules=r".*attention.*"))
-    with pytest.raises(TypeError, match="target module 'model.norm' is a RMSNorm, not an nn.Linear"):
+    with pytest.raises(TypeError, match=r"target module 'model\.norm' is a RMSNorm, not an nn\.Linear"):
         apply_rso(model, RSOConfig(target_modules=["norm"]))
 
 
