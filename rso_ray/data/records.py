@@ -1,0 +1,125 @@
+"""C4 records: JSON lines (optionally gzip-compressed) with fields text, timestamp, url.
+
+The same reader serves the embedded corpus, local copies of C4 and, through fsspec, hub/S3/GCS paths for
+small reads (the training pipeline reads big data with Ray Data, see rso_ray.data.pipeline). A corrupt
+line is either skipped and counted or an error naming the file and line, as the caller chooses.
+
+    python -c "from rso_ray.data.records import iter_records; from rso_ray.data.embedded_assets import embedded_shards; print(next(iter(iter_records(embedded_shards('validation')))))"
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+OnBadLine = Literal["skip", "error"]
+
+
+class CorruptRecordError(ValueError):
+    """A line of a C4 file is not a JSON object with a string "text" field."""
+
+    def __init__(self, path: str, line: int, reason: str):
+        super().__init__(f"{path}, line {line}: {reason}")
+        self.path, self.line, self.reason = path, line, reason
+
+
+@dataclass
+class ReadStats:
+    """What a read saw: records kept and corrupt lines skipped (with the first few locations)."""
+
+    records: int = 0
+    skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def note_skip(self, where: str) -> None:
+        self.skipped += 1
+        if len(self.examples) < 5:
+            self.examples.append(where)
+
+
+def parse_record(line: str | bytes, *, path: str, lineno: int) -> dict[str, Any]:
+    """One C4 record; raises CorruptRecordError naming ``path`` and ``lineno`` when it is not one."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptRecordError(path, lineno, f"not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise CorruptRecordError(path, lineno, 'not a JSON object with a string "text" field')
+    return obj
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    if "://" in path:
+        import fsspec
+
+        return fsspec.open(path, "rt", compression="infer", encoding="utf-8").open()  # type: ignore[no-any-return]
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")  # closed by the caller's context manager
+
+
+def iter_records(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    on_bad_line: OnBadLine = "skip",
+    stats: ReadStats | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Records of the given files in order. Blank lines are ignored; corrupt ones are skipped and counted
+    in ``stats`` (``on_bad_line="skip"``) or raise :class:`CorruptRecordError`."""
+    stats = stats if stats is not None else ReadStats()
+    for p in paths:
+        path = os.fspath(p)
+        try:
+            fh = _open_text(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"data file {path} does not exist") from None
+        with fh:
+            lineno = 0
+            while True:
+                try:
+                    line = fh.readline()
+                except (OSError, EOFError, UnicodeDecodeError) as err:
+                    # A truncated gzip stream or undecodable bytes: nothing after this point is readable.
+                    if on_bad_line == "error":
+                        raise CorruptRecordError(path, lineno + 1, f"unreadable ({err})") from None
+                    stats.note_skip(f"{path}:{lineno + 1}")
+                    break
+                if not line:
+                    break
+                lineno += 1
+                if not line.strip():
+                    continue
+                try:
+                    rec = parse_record(line, path=path, lineno=lineno)
+                except CorruptRecordError:
+                    if on_bad_line == "error":
+                        raise
+                    stats.note_skip(f"{path}:{lineno}")
+                    continue
+                stats.records += 1
+                yield rec
+
+
+def list_data_files(source: str, split: str) -> list[str]:
+    """The json/json.gz files of ``split`` under a local folder (C4 layout: c4-<split>.*.json.gz, or
+    <split>/ sub-folder, or every json file when nothing is named by split). Raises a clear error for
+    a missing or empty folder."""
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data path {source} does not exist")
+    if root.is_file():
+        return [str(root)]
+    patterns = (f"c4-{split}.*.json*", f"{split}/*.json*", f"*{split}*.json*")
+    for pattern in patterns:
+        files = sorted(str(p) for p in root.glob(pattern) if p.is_file())
+        if files:
+            return files
+    raise FileNotFoundError(
+        f"data path {source} holds no {split} files (looked for {', '.join(patterns)})"
+    )
