@@ -64,6 +64,12 @@ def test_every_record_is_a_c4_record(records: dict[str, list[dict[str, str]]]) -
             assert len(lines) >= 3
 
 
+def test_text_has_no_template_glitches(all_text: str) -> None:
+    # Leftover template syntax, doubled punctuation or doubled words would be learnable noise.
+    for pattern in (r"[\[\]{}]", r"\.\.", r",\.", r" [,.:]", r"  ", r"\b(?!1\b)(\w+) \1\b"):
+        assert re.search(pattern, all_text) is None, pattern
+
+
 def test_shipped_sizes_are_within_budget(records: dict[str, list[dict[str, str]]]) -> None:
     gz_total = sum(p.stat().st_size for p in embedded_dir().glob("*.json.gz"))
     assert gz_total < 6.2e6

@@ -95,6 +95,7 @@ def expand(rng: random.Random, template: str, slots: dict[str, Any] | None = Non
     if slots is not None and "{" in text:
         text = _SLOT_RE.sub(lambda m: str(slots[m.group(1)]), text)
     text = _SPACES_RE.sub(" ", text).replace(" ,", ",").replace(" .", ".").replace(" :", ":").strip()
+    text = text.replace(".m..", ".m.")  # a sentence ending in "a.m." needs no second period
     return text[:1].upper() + text[1:] if capitalize else text
 
 
@@ -1653,7 +1654,7 @@ _REVIEW_COMMENTS = (
     "[Great|Helpful|Very detailed] review, thank you!",
     "{price} is too much for {a_noun} in my opinion.",
     "Is it still on sale for {price}?",
-    "[I returned mine|I gave mine to my brother] because it {con}.",
+    "[I returned mine|I gave mine to my brother] because {con}.",
 )
 
 
@@ -1679,7 +1680,7 @@ def _product_review(g: _Writer) -> Doc:
     title = g.x("[{full} review|Review: {full}|{full} review: [worth the money|is it any good]?]",
                 full=product.full)
     paras = [g.x(g.pick((
-        "The {full} [costs|sells for|retails for] {price}[ and is made by {maker}|], [a company based in {hq}|].",
+        "The {full} [costs|sells for|retails for] {price}[ and is made by {maker}[, a company based in {hq}|]|].",
         "{maker} [released|launched] the {full} in {launch}, and it [still sells for|costs] {price}.",
         "[I have been using|I tested|For the last {weeks} weeks I have used] the {full} from {maker}"
         "[ for {weeks} weeks|], which [costs|sells for] {price}.",
@@ -2403,7 +2404,7 @@ def _job_posting(g: _Writer) -> Doc:
     lo_k = lo + rng.randint(0, 4)
     hi_k = hi - rng.randint(0, 4)
     title = g.x("{role} at {company} in {hq}", role=role.title(), company=company.name, hq=company.hq)
-    paras = [g.x("{company} is [hiring|looking for] {a_role} [to join our team|for our {hq} office] in {hq}.",
+    paras = [g.x("{company} is [hiring|looking for] {a_role} [to join our team in {hq}|for our {hq} office].",
                  company=company.name, a_role=a_an(role), hq=company.hq)]
     paras.append(g.x("[About us|Who we are]: {company} [was founded in {year}|has made {industry} since {year}] "
                      "and [has|employs] about {n} people. [We make|Our products include] the {full}.",
