@@ -1,0 +1,131 @@
+"""Training-step time of RSO (Haar and coordinate P) against AdamW (and GaLore), measured side by side.
+
+    python benchmarks/step_time.py --model llama-350m --rank 256 --batch-size 4 --steps 5
+
+Every method trains its own copy of the same model on the same batches; the methods take turns step by
+step (round robin), so drifts of a noisy machine hit all of them alike, and the figure is the median step.
+A step is forward + backward + optimizer step. RSO's resampling (a QR per group every tau steps) happens
+outside the timed steps; its cost is timed separately and reported amortized over tau.
+
+The FLOP ratio RSO/AdamW of facts.md section 6 is printed next to the measured ratio: per target layer
+Adam does 6smn, RSO 4smn + 2srn (dB) + 2srm (Y P, once per group) + 4mnr (forming W + P B, forward and
+backward); everything else (attention, lm_head, embeddings) is common to both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rso_ray.console import format_table
+from rso_ray.core.methods import MethodConfig, RSOMethod, build_method
+from rso_ray.models import build_model, model_config
+
+VARIANTS = {
+    "adamw": dict(name="adamw"),
+    "rso-haar": dict(name="rso", projection="haar"),
+    "rso-coordinate": dict(name="rso", projection="coordinate"),
+    "rso-gaussian": dict(name="rso", projection="gaussian"),
+    "galore": dict(name="galore"),
+}
+
+
+def flop_ratio(model_name: str, layers: int | None, rank: int, tokens: int, seq_len: int, coordinate: bool) -> float:
+    """RSO/AdamW training FLOPs of one step from the shapes (facts.md section 6). Per block, with s tokens:
+    Adam's linears do 6smo each; RSO's 4smo + 2sro (dB), plus 2srm per input group (Y P) and 4mor per
+    layer (forming W + P B in forward and backward) unless P is a coordinate projection (a gather and a
+    column update). Attention (6 s S n, causal) and the lm_head (6 s n V) are the same for both."""
+    cfg = model_config(model_name, num_layers=layers)
+    n, f, v, s, r = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, tokens, rank
+    linears = [(n, n)] * 4 + [(n, f)] * 2 + [(f, n)]  # (m, o) = (in, out): q k v o gate up down
+    group_inputs = [n, n, n, f]  # q/k/v share one Y P; o; gate/up share one; down
+    adam = sum(6 * s * m * o for m, o in linears)
+    rso = sum(4 * s * m * o + 2 * s * r * o for m, o in linears)
+    if not coordinate:
+        rso += sum(2 * s * r * m for m in group_inputs) + sum(4 * m * o * r for m, o in linears)
+    attn = 6 * s * seq_len * n
+    lm_head = 6 * s * n * v
+    L = cfg.num_hidden_layers
+    return (L * (rso + attn) + lm_head) / (L * (adam + attn) + lm_head)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama-350m")
+    p.add_argument("--layers", type=int, default=None, help="use only this many blocks (default: all)")
+    p.add_argument("--rank", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method (after one warm-up step)")
+    p.add_argument("--variants", nargs="+", default=["adamw", "rso-haar", "rso-coordinate"], choices=sorted(VARIANTS))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    vocab = model_config(args.model).vocab_size
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen) for _ in range(args.steps + 1)]
+    runs = {}
+    for variant in args.variants:
+        model = build_model(args.model, num_layers=args.layers, seed=0)
+        cfg = MethodConfig(rank=args.rank, total_steps=1000, resample_every=10**9, **VARIANTS[variant])
+        runs[variant] = (model, build_method(model, cfg))
+    times: dict[str, list[float]] = {v: [] for v in runs}
+    for i, ids in enumerate(batches):
+        for variant, (model, method) in runs.items():
+            t0 = time.perf_counter()
+            method.zero_grad()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            method.step()
+            dt = time.perf_counter() - t0
+            if i > 0:
+                times[variant].append(dt)
+            print(f"step {i} {variant:15s} {dt:7.3f}s loss {loss.item():.4f}", flush=True)
+    resample = {}
+    for variant, (_, method) in runs.items():
+        if isinstance(method, RSOMethod):
+            t0 = time.perf_counter()
+            method.handle.resample(method.outer_step + 1)
+            resample[variant] = time.perf_counter() - t0
+    med = {v: statistics.median(t) for v, t in times.items()}
+    tokens = args.batch_size * args.seq_len
+    rows = []
+    for v in runs:
+        ratio = med[v] / med["adamw"] if "adamw" in med else float("nan")
+        fr = flop_ratio(args.model, args.layers, args.rank, tokens, args.seq_len, "coordinate" in v) if v.startswith("rso") else None
+        rows.append(
+            [v, f"{med[v]:.3f}", f"{tokens / med[v]:.0f}", f"{ratio:.3f}", f"{fr:.3f}" if fr else "-",
+             f"{resample[v]:.3f}" if v in resample else "-"]
+        )
+    headers = ["method", "median step (s)", "tokens/s", "step / adamw", "FLOP limit", "resample (s, every tau)"]
+    settings = (
+        f"{args.model}" + (f" ({args.layers} blocks)" if args.layers else "")
+        + f", rank {args.rank}, {args.batch_size} x {args.seq_len} tokens, float32, {args.steps} timed steps each, "
+        f"round robin; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    table = format_table(headers, rows)
+    print("\n" + settings + "\n" + table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"settings": vars(args) | {"out": str(args.out)}, "step_times": times, "median": med,
+                        "resample_seconds": resample, "command": " ".join(sys.argv)}, indent=2)
+        )
+        args.out.with_suffix(".md").write_text(
+            f"Command: `python {' '.join(sys.argv)}`\n\n{settings}\n\n{format_table(headers, rows, markdown=True)}\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

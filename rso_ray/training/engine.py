@@ -1,0 +1,132 @@
+"""One optimizer step over micro-batches, and evaluation: the torch-only heart of every training loop
+(the Ray Train worker in rso_ray.training.worker, the benchmarks and the tests all call these).
+
+A step accumulates gradients over micro-batches (DDP's ``no_sync`` on all but the last), checks that the
+reduced gradients are finite -- the same verdict on every worker, since DDP already averaged them, so no
+extra collective is needed -- clips, and lets the method step. A non-finite gradient skips the step:
+RSO drops B and resamples (W untouched), the baselines drop the gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.methods import TrainingMethod
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    loss: float
+    """Mean loss over the micro-batches of this worker (nan if non-finite)."""
+    grad_norm: float
+    """Global norm of the (reduced) gradients before clipping."""
+    finite: bool
+    """False when the step was skipped for a non-finite gradient."""
+    merged: bool
+    """True when the step ended an RSO subspace (W <- W + P B)."""
+    tokens: int
+    """Tokens this worker processed."""
+    seconds: float
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:
+    if not last and hasattr(model, "no_sync"):
+        return model.no_sync()  # type: ignore[no-any-return,operator]
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    method: TrainingMethod,
+    micro_batches: Sequence[torch.Tensor],
+    *,
+    max_grad_norm: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepResult:
+    """Forward/backward over ``micro_batches`` (each (b, seq) token ids, labels = inputs), then one step.
+
+    Each micro-batch's loss is divided by their number, so the gradient is that of the mean loss over the
+    whole step, whatever the split (elastic training keeps the global batch by changing the split).
+    """
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    t0 = time.perf_counter()
+    device = micro_batches[0].device
+    method.zero_grad()
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    tokens = 0
+    for i, ids in enumerate(micro_batches):
+        with _no_sync(model, last=i == len(micro_batches) - 1), autocast_context(device, autocast_dtype):
+            loss = model(input_ids=ids, labels=ids).loss
+        (loss / len(micro_batches)).backward()
+        total += loss.detach().float()
+        tokens += ids.numel()
+    params = [p for p in method.trainable_parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf, foreach=True)
+    grad_norm = float(norm)
+    mean_loss = float(total) / len(micro_batches)
+    if not math.isfinite(grad_norm):
+        method.skip_step()
+        return StepResult(mean_loss, grad_norm, False, False, tokens, time.perf_counter() - t0)
+    merged = method.step()
+    return StepResult(mean_loss, grad_norm, True, merged, tokens, time.perf_counter() - t0)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    """Mean next-token loss over all evaluated tokens (nats)."""
+    tokens: int
+    """Predicted tokens (seq_len - 1 per block)."""
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+
+def batched(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, len(blocks), batch_size):
+        yield blocks[i : i + batch_size]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> EvalResult:
+    """Mean token loss of ``model`` on ``blocks`` (N, seq) -- all blocks, every worker the same."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    total, count = 0.0, 0
+    try:
+        for batch in batched(blocks, batch_size):
+            ids = batch.to(device, dtype=torch.long)
+            with autocast_context(device, autocast_dtype):
+                loss = model(input_ids=ids, labels=ids).loss
+            n = ids.shape[0] * (ids.shape[1] - 1)  # every position but the last predicts a token
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return EvalResult(loss=total / max(count, 1), tokens=count)
