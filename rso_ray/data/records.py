@@ -9,7 +9,6 @@ line is either skipped and counted or an error naming the file and line, as the 
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -55,13 +54,9 @@ def parse_record(line: str | bytes, *, path: str, lineno: int) -> dict[str, Any]
 
 
 def _open_text(path: str) -> io.TextIOBase:
-    if "://" in path:
-        import fsspec
+    from .sources import open_text
 
-        return fsspec.open(path, "rt", compression="infer", encoding="utf-8").open()  # type: ignore[no-any-return]
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")  # closed by the caller's context manager
+    return open_text(path)
 
 
 def iter_records(

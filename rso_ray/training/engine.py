@@ -58,29 +58,39 @@ def train_step(
     *,
     max_grad_norm: float | None = None,
     autocast_dtype: torch.dtype | None = None,
+    loss_weights: Sequence[float] | None = None,
+    first_forward: contextlib.AbstractContextManager[Any] | None = None,
 ) -> StepResult:
     """Forward/backward over ``micro_batches`` (each (b, seq) token ids, labels = inputs), then one step.
 
-    Each micro-batch's loss is divided by their number, so the gradient is that of the mean loss over the
-    whole step, whatever the split (elastic training keeps the global batch by changing the split).
+    The loss of micro-batch i is multiplied by ``loss_weights[i]`` before backward (default 1/k for k
+    micro-batches: the gradient of the mean loss). Data-parallel workers with unequal shares of a global
+    batch G pass ``size_i * world / G``, so that DDP's average is exactly the mean over the global batch.
+    ``first_forward`` wraps the first micro-batch's forward (memory accounting of one micro-batch).
+    ``loss`` in the result is this worker's mean over its micro-batches, weighted by their sizes.
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
+    weights = list(loss_weights) if loss_weights is not None else [1.0 / len(micro_batches)] * len(micro_batches)
+    if len(weights) != len(micro_batches):
+        raise ValueError(f"{len(weights)} loss weights for {len(micro_batches)} micro-batches")
     t0 = time.perf_counter()
     device = micro_batches[0].device
     method.zero_grad()
     total = torch.zeros((), device=device, dtype=torch.float32)
     tokens = 0
     for i, ids in enumerate(micro_batches):
-        with _no_sync(model, last=i == len(micro_batches) - 1), autocast_context(device, autocast_dtype):
-            loss = model(input_ids=ids, labels=ids).loss
-        (loss / len(micro_batches)).backward()
-        total += loss.detach().float()
+        context = first_forward if (i == 0 and first_forward is not None) else contextlib.nullcontext()
+        with _no_sync(model, last=i == len(micro_batches) - 1):
+            with context, autocast_context(device, autocast_dtype):
+                loss = model(input_ids=ids, labels=ids).loss
+            (loss * weights[i]).backward()
+        total += loss.detach().float() * ids.shape[0]
         tokens += ids.numel()
     params = [p for p in method.trainable_parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf, foreach=True)
     grad_norm = float(norm)
-    mean_loss = float(total) / len(micro_batches)
+    mean_loss = float(total) / sum(ids.shape[0] for ids in micro_batches)
     if not math.isfinite(grad_norm):
         method.skip_step()
         return StepResult(mean_loss, grad_norm, False, False, tokens, time.perf_counter() - t0)

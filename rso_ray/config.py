@@ -1,0 +1,436 @@
+"""Training configuration: one typed dataclass, filled from defaults, then a YAML/JSON file, then the
+command line (command line over file over defaults). Unknown keys and bad values are errors that name the
+option, raised before Ray or any model is started.
+
+Defaults follow the GaLore/RSO pre-training recipe for the paper's models (facts.md section 4: 256-token
+sequences, 512-sequence global batch, warmup 10% then cosine to 10%, the paper's steps and ranks); the
+small models default to runs that finish in about a minute on a laptop CPU on the embedded corpus.
+
+    python -m rso_ray.train --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .core.methods import METHODS, MethodConfig
+from .core.projection import PROJECTIONS
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed")
+USE_GPU = ("auto", "true", "false")
+
+
+def _help(text: str, **kw: Any) -> dict[str, Any]:
+    return {"help": text, **kw}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything ``python -m rso_ray.train`` needs. ``None`` means "the model's recipe default"."""
+
+    # -- model and method --------------------------------------------------------------------------
+    model: str = field(default="llama-tiny", metadata=_help(
+        "model to pre-train: llama-micro, llama-tiny (default: the offline demo), llama-60m, llama-130m, "
+        "llama-350m, llama-1b, llama-7b, or hf:<hub id or local path> for any Hugging Face causal LM config"))
+    optimizer: str = field(default="rso", metadata=_help("training method: rso, adamw or galore"))
+    rank: int | None = field(default=None, metadata=_help(
+        "rank r of RSO's subspaces / GaLore's projection (recipe: 128 for 60m, 256 for 130m/350m, 512 for 1b)"))
+    eta: float = field(default=math.inf, metadata=_help(
+        "RSO proximal step eta: B's gradient gets B/eta; inf (default) disables the term"))
+    resample_every: int | None = field(default=None, metadata=_help(
+        "RSO: inner steps per subspace (tau); GaLore: steps between projector refreshes (recipe: 200, 500 for 7b)"))
+    projection: str = field(default="haar", metadata=_help("RSO projection: haar (default), gaussian, coordinate"))
+    inner_optimizer: str = field(default="adam", metadata=_help(
+        "RSO inner optimizer of B: adam (default), adamw, sgd (momentum 0.9), any torch.optim class name"))
+    target_modules: list[str] | None = field(default=None, metadata=_help(
+        "layers trained in subspaces (names or dotted suffixes); default: attention and MLP linears of LLaMA"))
+    # -- optimization ------------------------------------------------------------------------------
+    lr: float | None = field(default=None, metadata=_help(
+        "peak learning rate (default: 1e-3 for adamw, 1e-2 for galore as in its scripts, see the recipe for rso)"))
+    warmup_ratio: float = field(default=0.1, metadata=_help("fraction of steps of linear warmup (default 0.1)"))
+    min_lr_ratio: float = field(default=0.1, metadata=_help("the cosine ends at this fraction of the peak (default 0.1)"))
+    weight_decay: float = field(default=0.0, metadata=_help("decoupled weight decay (default 0)"))
+    max_grad_norm: float | None = field(default=None, metadata=_help(
+        "clip the global gradient norm to this value (default: none; 1.0 for llama-7b as in GaLore)"))
+    steps: int | None = field(default=None, metadata=_help(
+        "optimizer steps (default: the recipe's: 10K for 60m ... 150K for 7b); exclusive with --tokens"))
+    tokens: int | None = field(default=None, metadata=_help(
+        "token budget instead of --steps: steps = tokens / (global batch x seq len), rounded up"))
+    global_batch_size: int | None = field(default=None, metadata=_help(
+        "sequences per optimizer step over all workers (recipe: 512); kept constant when workers come and go"))
+    micro_batch_size: int | None = field(default=None, metadata=_help(
+        "sequences per forward/backward on one worker; gradients accumulate up to the global batch"))
+    seq_len: int = field(default=256, metadata=_help("tokens per sequence (default 256)"))
+    precision: str = field(default="auto", metadata=_help(
+        "auto (bf16-mixed on GPU, fp32 on CPU), fp32, bf16-mixed (float32 weights, bf16 autocast)"))
+    seed: int = field(default=0, metadata=_help("seed of the initialization, the data order and the subspaces"))
+    max_nonfinite: int = field(default=5, metadata=_help(
+        "stop the run after this many non-finite steps in a row (each one drops the subspace)"))
+    # -- cluster -----------------------------------------------------------------------------------
+    workers: str = field(default="1", metadata=_help(
+        "training workers: a number, or min:max for elastic training (e.g. 2:8)"))
+    use_gpu: str = field(default="auto", metadata=_help("auto (GPUs if the cluster has any), true, false"))
+    cpus_per_worker: int = field(default=1, metadata=_help("CPUs reserved per training worker (default 1)"))
+    max_failures: int = field(default=3, metadata=_help(
+        "worker failures to recover from (restart from the last checkpoint); -1 for unlimited"))
+    elastic_check_s: float = field(default=60.0, metadata=_help(
+        "elastic runs: seconds between checks for more resources (Ray's resize monitor interval)"))
+    # -- data --------------------------------------------------------------------------------------
+    data: str = field(default="embedded", metadata=_help(
+        "training data in C4's json(.gz) format: 'embedded' (offline corpus in the package), 'c4' "
+        "(hf://datasets/allenai/c4/en), a local folder, or an s3:// / gs:// / hf:// folder"))
+    tokenizer: str = field(default="embedded", metadata=_help(
+        "tokenizer: 'embedded' (default, offline), 't5-base' (the papers'), a hub id or a local folder"))
+    on_bad_line: str = field(default="skip", metadata=_help(
+        "a corrupt json line: skip (count it, default) or error (stop, naming file and line)"))
+    max_epochs: int = field(default=100, metadata=_help("passes over the training data at most"))
+    # -- evaluation, checkpoints, logging ----------------------------------------------------------
+    eval_every: int | None = field(default=None, metadata=_help("steps between evaluations (default: recipe)"))
+    eval_tokens: int | None = field(default=None, metadata=_help(
+        "validation tokens per evaluation, a fixed set (recipe: 10M as in GaLore; demo: 64K)"))
+    checkpoint_every: int | None = field(default=None, metadata=_help(
+        "steps between checkpoints; RSO checkpoints only at subspace ends (default: every subspace)"))
+    keep_checkpoints: int = field(default=3, metadata=_help("checkpoints kept (the oldest are deleted)"))
+    log_every: int = field(default=10, metadata=_help("steps between progress lines and logged metrics"))
+    storage_path: str = field(default="rso_runs", metadata=_help(
+        "where checkpoints go: a local folder (default ./rso_runs) or shared storage (s3://, gs://, NFS)"))
+    run_name: str | None = field(default=None, metadata=_help(
+        "run name; relaunching with the name of an earlier run resumes it (default: <model>-<optimizer>-<time>)"))
+    mlflow_tracking_uri: str | None = field(default=None, metadata=_help(
+        "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db, no server needed)"))
+    mlflow_experiment: str = field(default="rso_ray", metadata=_help("MLflow experiment (default rso_ray)"))
+    # -- testing -----------------------------------------------------------------------------------
+    fail_at_step: int | None = field(default=None, metadata=_help(
+        "fault injection for tests: worker 1 (or 0 alone) raises once after this step", suppress=True))
+    fail_in_checkpoint_at_step: int | None = field(default=None, metadata=_help(
+        "fault injection for tests: rank 0 dies halfway through writing this step's checkpoint", suppress=True))
+
+    # ---------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every value; raises ValueError naming the option and what is allowed."""
+        from .models import check_model_name
+
+        try:
+            check_model_name(self.model)
+        except ValueError as err:
+            raise ValueError(f"--model: {err}") from None
+        _choice("optimizer", self.optimizer, METHODS)
+        _choice("projection", self.projection, PROJECTIONS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("use_gpu", self.use_gpu, USE_GPU)
+        _choice("on_bad_line", self.on_bad_line, ("skip", "error"))
+        for name in ("rank", "resample_every", "steps", "tokens", "global_batch_size", "micro_batch_size",
+                     "eval_every", "eval_tokens", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("seq_len", "log_every", "keep_checkpoints", "max_epochs", "max_nonfinite", "cpus_per_worker"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("give either --steps or --tokens, not both")
+        if not (isinstance(self.eta, (int, float)) and self.eta > 0) or math.isnan(self.eta):
+            raise ValueError(f"--eta must be > 0 (inf disables the proximal term), got {self.eta!r}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive finite number, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.max_failures < -1:
+            raise ValueError(f"--max-failures must be -1 (unlimited) or >= 0, got {self.max_failures}")
+        if self.elastic_check_s <= 0:
+            raise ValueError(f"--elastic-check-s must be > 0, got {self.elastic_check_s}")
+        self.worker_range()  # validates --workers
+        gb, mb = self.global_batch_size, self.micro_batch_size
+        if gb is not None and gb < self.worker_range()[1]:
+            raise ValueError(
+                f"--global-batch-size {gb} is smaller than the largest number of workers {self.worker_range()[1]}: "
+                "every worker needs at least one sequence per step"
+            )
+        if gb is not None and mb is not None and mb > gb:
+            raise ValueError(f"--micro-batch-size {mb} is larger than --global-batch-size {gb}")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
+            raise ValueError(f"--run-name must be a plain name (no '/', not starting with '.'), got {self.run_name!r}")
+
+    # -- derived values ----------------------------------------------------------------------------
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed-size run."""
+        text = str(self.workers).strip()
+        try:
+            if ":" in text:
+                lo_s, hi_s = text.split(":", 1)
+                lo, hi = int(lo_s), int(hi_s)
+            else:
+                lo = hi = int(text)
+        except ValueError:
+            raise ValueError(f"--workers must be a number or min:max (e.g. 2 or 2:8), got {self.workers!r}") from None
+        if lo < 1 or hi < lo:
+            raise ValueError(f"--workers needs 1 <= min <= max, got {self.workers!r}")
+        return lo, hi
+
+    @property
+    def elastic(self) -> bool:
+        lo, hi = self.worker_range()
+        return lo != hi
+
+    def with_recipe(self) -> TrainConfig:
+        """A copy with every ``None`` filled from the model's recipe (see RECIPES)."""
+        recipe = recipe_for(self.model)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in recipe.items():
+            if key == "lr" or (key == "steps" and values["tokens"] is not None):
+                continue
+            if key in values and values[key] is None:
+                values[key] = value
+        if values["lr"] is None:
+            values["lr"] = recipe["lr"][self.optimizer]
+        if values["steps"] is None and values["tokens"] is not None:
+            per_step = values["global_batch_size"] * self.seq_len
+            values["steps"] = max(1, -(-values["tokens"] // per_step))
+            values["tokens"] = None
+        if values["run_name"] is None:
+            values["run_name"] = f"{self.model.replace(':', '_').replace('/', '_')}-{self.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if values["mlflow_tracking_uri"] is None:
+            values["mlflow_tracking_uri"] = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        if values["checkpoint_every"] is None:
+            values["checkpoint_every"] = values["resample_every"]
+        if values["micro_batch_size"] > values["global_batch_size"]:
+            values["micro_batch_size"] = values["global_batch_size"]
+        values["storage_path"] = _absolute_storage(values["storage_path"])
+        return TrainConfig(**values)
+
+    def method_config(self) -> MethodConfig:
+        """The core optimizer settings (call on a config with the recipe applied)."""
+        assert self.steps is not None and self.rank is not None and self.resample_every is not None
+        assert self.lr is not None
+        kwargs: dict[str, Any] = {}
+        if self.target_modules is not None:
+            kwargs["target_modules"] = list(self.target_modules)
+        return MethodConfig(
+            name=self.optimizer,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            total_steps=self.steps,
+            warmup_steps=int(self.warmup_ratio * self.steps),
+            min_lr_ratio=self.min_lr_ratio,
+            rank=self.rank,
+            projection=self.projection,
+            eta=self.eta,
+            resample_every=self.resample_every,
+            inner_optimizer=self.inner_optimizer,
+            galore_update_proj_gap=self.resample_every,
+            seed=self.seed,
+            **kwargs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# Recipes: facts.md section 4 for the paper's models; small models tuned to finish quickly on a CPU.
+# lr for rso: see benchmarks/results (the lr grid of the convergence benchmark).
+_PAPER = dict(global_batch_size=512, resample_every=200, eval_every=1000, eval_tokens=10_000_000)
+RECIPES: dict[str, dict[str, Any]] = {
+    "llama-micro": dict(steps=40, rank=16, global_batch_size=8, micro_batch_size=8, resample_every=10,
+                        eval_every=20, eval_tokens=8192, lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2}),
+    "llama-tiny": dict(steps=150, rank=64, global_batch_size=16, micro_batch_size=16, resample_every=50,
+                       eval_every=50, eval_tokens=65536, lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2}),
+    "llama-60m": dict(_PAPER, steps=10_000, rank=128, micro_batch_size=128, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
+    "llama-130m": dict(_PAPER, steps=20_000, rank=256, micro_batch_size=64, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
+    "llama-350m": dict(_PAPER, steps=60_000, rank=256, micro_batch_size=32, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
+    "llama-1b": dict(_PAPER, steps=100_000, rank=512, micro_batch_size=16, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
+    "llama-7b": dict(_PAPER, steps=150_000, rank=1024, micro_batch_size=4, resample_every=500, max_grad_norm=1.0,
+                     lr={"rso": 5e-3, "adamw": 1e-3, "galore": 5e-3}),
+}
+_HF_RECIPE = dict(_PAPER, steps=10_000, rank=128, micro_batch_size=16, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2})
+
+
+def recipe_for(model: str) -> dict[str, Any]:
+    return dict(RECIPES.get(model, _HF_RECIPE))
+
+
+def _absolute_storage(path: str) -> str:
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_HINTS = get_type_hints(TrainConfig)
+
+
+def _base_type(name: str) -> Any:
+    """int for ``int | None``, list for ``list[str] | None``, ..."""
+    tp = _HINTS[name]
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is not list and args:
+        tp = args[0]
+    return list if get_origin(tp) is list else tp
+
+
+def _convert(name: str, value: Any, *, source: str) -> Any:
+    """Coerce a file or command-line value to the field's type, naming the key on failure."""
+    tp = _base_type(name)
+    if value is None:
+        return None
+    try:
+        if tp is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return value
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                number = float(value)  # accepts 1e6 and 100_000
+                if not number.is_integer():
+                    raise TypeError
+                return int(number)
+            if not isinstance(value, int):
+                raise TypeError
+            return value
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "workers":
+                return str(value)
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        kind = {int: "an integer", float: "a number", str: "a string", list: "a list of names", bool: "true or false"}
+        raise ValueError(f"{source}: expected {kind.get(tp, tp)}, got {value!r}") from None
+    return value
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Keys and values of a YAML or JSON config file; unknown keys are an error naming the key and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    text = p.read_text()
+    if p.suffix == ".json":
+        raw = json.loads(text)
+        lines: dict[str, int] = {}
+    else:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{p}: not valid YAML: {err}") from None
+        lines = _yaml_key_lines(text)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: the top level must be a mapping of option: value")
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            where = f", line {lines[key]}" if key in lines else ""
+            raise ValueError(f"{p}{where}: unknown key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
+        where = f"{p}" + (f", line {lines[key]}" if key in lines else "")
+        out[name] = _convert(name, value, source=f"{where}: {key}")
+    return out
+
+
+def _yaml_key_lines(text: str) -> dict[str, int]:
+    import yaml
+
+    lines: dict[str, int] = {}
+    node = yaml.compose(text)
+    if isinstance(node, yaml.MappingNode):
+        for k, _ in node.value:
+            lines[k.value] = k.start_mark.line + 1
+    return lines
+
+
+def build_parser(prog: str = "python -m rso_ray.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Pre-train a LLaMA model with RSO (or AdamW/GaLore) on Ray Train. Options override the "
+        "--config file, which overrides the defaults (the model's recipe).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML or JSON file of options (keys as below, with _ or -)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        help_text = argparse.SUPPRESS if meta.get("suppress") else meta.get("help", "")
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=None, help=help_text, metavar=f.name.upper())
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, *, prog: str = "python -m rso_ray.train") -> tuple[TrainConfig, argparse.Namespace]:
+    """TrainConfig from defaults < --config file < command line, with the model recipe filled in."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_config_file(args.config))
+    for name in _FIELDS:
+        raw = getattr(args, name)
+        if raw is not None:
+            values[name] = _convert(name, _parse_cli_scalar(raw), source=f"--{_flag(name)}")
+    return TrainConfig(**values).with_recipe(), args
+
+
+def _parse_cli_scalar(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("inf", "infinity"):
+        return math.inf
+    if low in ("none", "null"):
+        return None
+    return raw
+
+
+def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """TrainConfig from a mapping (e.g. a tune sweep's base config plus a trial's values)."""
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            raise ValueError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
+        out[name] = _convert(name, value, source=source)
+    return TrainConfig(**out)
+

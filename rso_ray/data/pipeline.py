@@ -1,0 +1,227 @@
+"""The training data pipeline on Ray Data, with an exact resume position.
+
+Open-source Ray Data has no resumable iterator, so the position lives in our checkpoints instead. The
+unit of work is one file in one epoch (a *unit*, e.g. ``e0/f17``); ``map_batches`` reads a unit's json.gz,
+tokenizes and packs it, and emits blocks tagged (unit, block index). Each worker records the ranges of
+blocks it actually trained on; at a checkpoint these are gathered into a :class:`ConsumedBlocks` and saved.
+When the worker group (re)starts, the dataset is rebuilt without the units that are done, and the
+in-progress units skip the blocks already consumed -- only those few files are read again. The worker
+filters by the same record, so even a checkpoint newer than the one the dataset was built from is exact.
+
+Epochs are part of the stream (units of epoch 0, then of epoch 1, ...; files reshuffled per epoch with
+the run's seed), so workers never have to agree on an epoch boundary while in the middle of a step.
+
+    python -c "from rso_ray.data.pipeline import TokenizePackUnits; f = TokenizePackUnits('embedded', 256, 8192); print(next(iter(f({'unit': ['e0/f0'], 'path': [__import__('rso_ray.data.embedded_assets', fromlist=['x']).embedded_shards('validation')[0].__str__()], 'skip': ['[]']})))['input_ids'].shape)"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .packing import Packer
+from .records import ReadStats
+from .sources import DataSource
+
+Ranges = list[list[int]]  # sorted, disjoint [start, end) block ranges
+
+
+def merge_ranges(ranges: Sequence[Sequence[int]]) -> Ranges:
+    out: Ranges = []
+    for start, end in sorted((int(a), int(b)) for a, b in ranges):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
+def in_ranges(ranges: Ranges, i: int) -> bool:
+    return any(a <= i < b for a, b in ranges)
+
+
+@dataclass
+class ConsumedBlocks:
+    """Blocks trained on so far: ranges per unit, the unit's total once its last block was seen, and the
+    units finished (pruned from ``ranges`` so the record stays small over a long run)."""
+
+    ranges: dict[str, Ranges] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+
+    def add(self, unit: str, block: int, last: bool) -> None:
+        r = self.ranges.setdefault(unit, [])
+        if r and r[-1][1] == block:
+            r[-1][1] = block + 1  # the common case: the next block of a contiguous run
+        else:
+            r.append([block, block + 1])
+            self.ranges[unit] = merge_ranges(r)
+        if last:
+            self.totals[unit] = block + 1
+        self._maybe_done(unit)
+
+    def _maybe_done(self, unit: str) -> None:
+        total = self.totals.get(unit)
+        if total is not None and self.ranges.get(unit) == [[0, total]]:
+            self.done.add(unit)
+            self.ranges.pop(unit, None)
+            self.totals.pop(unit, None)
+
+    def contains(self, unit: str, block: int) -> bool:
+        return unit in self.done or in_ranges(self.ranges.get(unit, []), block)
+
+    @property
+    def count(self) -> int:
+        """Blocks in the in-progress units (done units are not counted here)."""
+        return sum(b - a for r in self.ranges.values() for a, b in r)
+
+    def merged(self, others: Sequence[ConsumedBlocks]) -> ConsumedBlocks:
+        out = ConsumedBlocks(done=set(self.done))
+        for c in (self, *others):
+            out.done |= c.done
+            for unit, total in c.totals.items():
+                out.totals[unit] = total
+        for c in (self, *others):
+            for unit, r in c.ranges.items():
+                if unit not in out.done:
+                    out.ranges[unit] = merge_ranges(out.ranges.get(unit, []) + r)
+        for unit in list(out.ranges):
+            out._maybe_done(unit)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ranges": self.ranges, "totals": self.totals, "done": sorted(self.done)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> ConsumedBlocks:
+        if not data:
+            return cls()
+        return cls(
+            ranges={k: merge_ranges(v) for k, v in data.get("ranges", {}).items()},
+            totals={k: int(v) for k, v in data.get("totals", {}).items()},
+            done=set(data.get("done", [])),
+        )
+
+
+def epoch_order(n_files: int, epoch: int, seed: int) -> list[int]:
+    """File indices of one epoch: a permutation drawn from (seed, epoch)."""
+    order = list(range(n_files))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def train_units(source: DataSource, *, seed: int, epochs: int, consumed: ConsumedBlocks) -> list[dict[str, Any]]:
+    """The units still to read, in stream order, each with the block ranges to skip."""
+    units = []
+    for epoch in range(epochs):
+        for i in epoch_order(len(source.train), epoch, seed):
+            key = f"e{epoch}/f{i}"
+            if key in consumed.done:
+                continue
+            units.append({"unit": key, "path": source.train[i], "skip": json.dumps(consumed.ranges.get(key, []))})
+    return units
+
+
+class TokenizePackUnits:
+    """map_batches callable: for each unit row, read its file, tokenize and pack it (:class:`Packer`) and
+    yield batches of blocks tagged (unit, block, last), leaving out the blocks in the unit's skip ranges.
+    The unit's last block is flagged so that consumers learn the unit's size."""
+
+    def __init__(
+        self,
+        tokenizer: str,
+        seq_len: int,
+        vocab_size: int,
+        *,
+        blocks_per_batch: int = 256,
+        on_bad_line: str = "skip",
+    ):
+        from .tokenizer import load_tokenizer
+
+        self.packer = Packer(load_tokenizer(tokenizer), seq_len, vocab_size=vocab_size, on_bad_line=on_bad_line)  # type: ignore[arg-type]
+        self.blocks_per_batch = blocks_per_batch
+
+    def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+        for unit, path, skip_json in zip(batch["unit"], batch["path"], batch["skip"], strict=True):
+            skip = merge_ranges(json.loads(skip_json))
+            stats = ReadStats()
+            kept: list[tuple[int, np.ndarray]] = []
+            pending: tuple[int, np.ndarray] | None = None  # held back until we know whether it is the last
+            for i, block in enumerate(self.packer.blocks(str(path), stats)):
+                if pending is not None and not in_ranges(skip, pending[0]):
+                    kept.append(pending)
+                    if len(kept) >= self.blocks_per_batch:
+                        yield self._batch(unit, kept, final=False, skipped_lines=stats.skipped)
+                        kept = []
+                pending = (i, block)
+            final = pending is not None and not in_ranges(skip, pending[0])
+            if final:
+                assert pending is not None
+                kept.append(pending)
+            if kept:
+                yield self._batch(unit, kept, final=final, skipped_lines=stats.skipped)
+
+    @staticmethod
+    def _batch(unit: str, kept: list[tuple[int, np.ndarray]], *, final: bool, skipped_lines: int) -> dict[str, np.ndarray]:
+        n = len(kept)
+        last = np.zeros(n, dtype=bool)
+        last[-1] = final
+        return {
+            "input_ids": np.stack([b for _, b in kept]).astype(np.int32),
+            "unit": np.array([unit] * n),
+            "block": np.asarray([i for i, _ in kept], dtype=np.int64),
+            "last": last,
+            "skipped_lines": np.full(n, skipped_lines, dtype=np.int64),  # corrupt lines of the unit so far
+        }
+
+
+def build_train_dataset(
+    source: DataSource,
+    *,
+    tokenizer: str,
+    seq_len: int,
+    vocab_size: int,
+    seed: int,
+    epochs: int,
+    consumed: ConsumedBlocks,
+    on_bad_line: str = "skip",
+    concurrency: int | tuple[int, int] = (1, 4),
+) -> Any:
+    """A lazy Ray Dataset of packed blocks, in a fixed order, without the blocks in ``consumed``."""
+    import ray.data
+
+    units = train_units(source, seed=seed, epochs=epochs, consumed=consumed)
+    if not units:
+        raise ValueError("no training data left: every unit of every epoch is consumed (raise --max-epochs)")
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    return ds.map_batches(
+        TokenizePackUnits,
+        fn_constructor_args=(tokenizer, seq_len, vocab_size),
+        fn_constructor_kwargs={"on_bad_line": on_bad_line},
+        batch_size=1,
+        concurrency=concurrency,
+        num_cpus=1,
+    )
+
+
+def validation_blocks(
+    source: DataSource, *, tokenizer: str, seq_len: int, vocab_size: int, max_tokens: int, on_bad_line: str = "skip"
+) -> np.ndarray:
+    """The fixed validation set: the first ``max_tokens // seq_len`` packed blocks of the validation files
+    (in name order), materialized once on the driver and shared by every worker and every evaluation."""
+    fn = TokenizePackUnits(tokenizer, seq_len, vocab_size, on_bad_line=on_bad_line)
+    want = max(1, max_tokens // seq_len)
+    got: list[np.ndarray] = []
+    for i, path in enumerate(source.validation):
+        for batch in fn({"unit": [f"val/f{i}"], "path": [path], "skip": ["[]"]}):
+            got.extend(batch["input_ids"])
+            if len(got) >= want:
+                return np.stack(got[:want])
+    if not got:
+        raise ValueError(f"the validation files yield no block of {seq_len} tokens: {list(source.validation)[:3]}")
+    return np.stack(got)

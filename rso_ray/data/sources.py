@@ -1,0 +1,126 @@
+"""Where the C4-format files are: the embedded corpus, C4 itself on the Hugging Face hub, a local folder,
+or a folder on S3 / GCS / the hub. Opening and listing go through pyarrow's file systems (S3 and GCS are
+built in) and huggingface_hub's HfFileSystem for hf:// paths.
+
+    python -c "from rso_ray.data.sources import resolve_source; print(resolve_source('embedded'))"
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .records import list_data_files
+
+C4_HUB = "hf://datasets/allenai/c4/en"
+C4_SHARDS = {"train": 1024, "validation": 8}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The train and validation files of one data set (sorted: their index is their identity)."""
+
+    name: str
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+
+    def fingerprint(self) -> str:
+        """Changes when the file names change (a resumed run refuses other data); independent of where the
+        files sit, so an installed package or a moved folder resumes fine."""
+        import hashlib
+
+        names = [p.rsplit("/", 1)[-1] for p in (*self.train, "--", *self.validation)]
+        return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def c4_files(split: str, root: str = C4_HUB) -> list[str]:
+    """C4's shard names (allenai/c4 'en': 1024 train, 8 validation shards); no listing needed."""
+    n = C4_SHARDS[split]
+    return [f"{root}/c4-{split}.{i:05d}-of-{n:05d}.json.gz" for i in range(n)]
+
+
+def _remote_files(uri: str, split: str) -> list[str]:
+    fs, root = filesystem_for(uri)
+    scheme = uri.split("://", 1)[0]
+    try:
+        if scheme == "hf":
+            entries = [p for p in fs.find(root) if p.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz"))]  # type: ignore[attr-defined]
+        else:
+            from pyarrow import fs as pafs
+
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))  # type: ignore[attr-defined]
+            entries = [i.path for i in infos if i.is_file and i.path.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz"))]
+    except Exception as err:
+        raise FileNotFoundError(f"cannot list data path {uri}: {type(err).__name__}: {err}") from None
+    names = sorted(e for e in entries if f"{split}" in e.rsplit("/", 1)[-1] or f"/{split}/" in e)
+    if not names:
+        raise FileNotFoundError(f"data path {uri} holds no {split} json/json.gz files")
+    return [f"{scheme}://{n}" for n in names]
+
+
+def resolve_source(data: str) -> DataSource:
+    """The files behind ``data`` ('embedded', 'c4', a local folder, or an s3/gs/hf folder). Raises
+    FileNotFoundError naming the path when there is nothing to read."""
+    if data == "embedded":
+        from .embedded_assets import embedded_shards
+
+        return DataSource("embedded", tuple(map(str, embedded_shards("train"))), tuple(map(str, embedded_shards("validation"))))
+    if data == "c4":
+        return DataSource("c4", tuple(c4_files("train")), tuple(c4_files("validation")))
+    if "://" in data:
+        return DataSource(data, tuple(_remote_files(data, "train")), tuple(_remote_files(data, "validation")))
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data path {data} does not exist")
+    train = list_data_files(str(root), "train")
+    val = list_data_files(str(root), "validation")
+    for f in train + val:
+        if Path(f).stat().st_size == 0:
+            raise FileNotFoundError(f"data file {f} is empty")
+    return DataSource(str(root.resolve()), tuple(train), tuple(val))
+
+
+def filesystem_for(uri: str):  # type: ignore[no-untyped-def]
+    """(file system, path inside it) for an hf://, s3:// or gs:// URI."""
+    scheme, rest = uri.split("://", 1)
+    if scheme == "hf":
+        from huggingface_hub import HfFileSystem
+
+        return HfFileSystem(), rest
+    from pyarrow import fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path
+
+
+class _OwningGzip(gzip.GzipFile):
+    """GzipFile that also closes the stream it reads (gzip leaves a passed-in fileobj open)."""
+
+    def __init__(self, raw: IO[bytes]):
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
+def open_binary(path: str) -> IO[bytes]:
+    """A binary stream of a local path or URI, gzip-decompressed when the name ends in .gz."""
+    if "://" in path:
+        fs, inner = filesystem_for(path)
+        raw = fs.open(inner, "rb") if path.startswith("hf://") else fs.open_input_stream(inner)  # type: ignore[attr-defined]
+    else:
+        raw = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    if path.endswith(".gz"):
+        return _OwningGzip(raw)
+    return raw  # type: ignore[no-any-return]
+
+
+def open_text(path: str) -> io.TextIOWrapper:
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8")

@@ -1,0 +1,250 @@
+"""The driver side of a training job: check everything that can be checked before Ray starts, set up the
+MLflow run and the data, run a Ray Train TorchTrainer, and print a summary.
+
+    python -m rso_ray.train                        # local Ray, embedded corpus, llama-tiny, about a minute
+    ray job submit --working-dir . -- python -m rso_ray.train --model llama-1b --data c4 --tokenizer t5-base
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import TrainConfig
+from ..console import format_table, human_duration
+from ..data.pipeline import ConsumedBlocks, build_train_dataset, validation_blocks
+from ..data.sources import DataSource, resolve_source
+from .storage import DATA_POSITION, RUN_INFO, read_json, run_dir, write_json
+
+DEMO_MODELS = ("llama-micro", "llama-tiny")
+
+
+@dataclass
+class Prepared:
+    """What the driver worked out before starting Ray."""
+
+    config: TrainConfig
+    source: DataSource
+    vocab_size: int
+    tokenizer_vocab: int
+    validation: Any  # (N, seq_len) int32 numpy array
+    comm_ratio_llama_1b: float
+
+
+def resolve_vocab(cfg: TrainConfig, tokenizer_len: int) -> int:
+    """The demo models take the tokenizer's vocabulary; the paper's models keep 32000 rows (with T5's
+    32100-token tokenizer the 100 sentinel ids, absent from plain text, become <unk>)."""
+    from ..models import model_config
+
+    if cfg.model in DEMO_MODELS:
+        return tokenizer_len
+    if cfg.model.startswith("hf:"):
+        return tokenizer_len
+    return model_config(cfg.model).vocab_size
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Every check that needs no cluster: model and rank (traced on the meta device), tokenizer (offline
+    load), data files, and the fixed validation set. Raises ValueError/FileNotFoundError with the cause."""
+    from ..core.methods import build_method
+    from ..data.tokenizer import load_tokenizer
+    from ..models import build_model
+    from .comm import gradient_bytes_ratio
+
+    tok = load_tokenizer(cfg.tokenizer)
+    vocab = resolve_vocab(cfg, len(tok))
+    model = build_model(cfg.model, vocab_size=vocab, device="meta")
+    build_method(model, cfg.method_config())  # rank vs layer sizes, targets, inner optimizer
+    source = resolve_source(cfg.data)
+    assert cfg.eval_tokens is not None
+    val = validation_blocks(
+        source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=vocab, max_tokens=cfg.eval_tokens,
+        on_bad_line=cfg.on_bad_line,
+    )
+    ratio = gradient_bytes_ratio("llama-1b", 512)["ratio"]
+    return Prepared(cfg, source, vocab, len(tok), val, ratio)
+
+
+def _make_train_dataset(cfg: TrainConfig, source: DataSource, vocab_size: int, position_uri: str) -> Any:
+    """Called by Ray Train at every worker-group start: skip what the last checkpoint consumed."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    position = read_json(position_uri) or {}
+    consumed = ConsumedBlocks.from_json(position.get("consumed"))
+    return build_train_dataset(
+        source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=vocab_size, seed=cfg.seed,
+        epochs=cfg.max_epochs, consumed=consumed, on_bad_line=cfg.on_bad_line,
+    )
+
+
+def _init_ray() -> dict[str, float]:
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit`) connects to the cluster; otherwise a local instance starts.
+        # Ray Data's progress bars (printed by the actors that run the pipeline) would drown our progress lines.
+        ray.init(
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+            runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}},
+        )
+    DataContext.get_current().enable_progress_bars = False
+    return ray.cluster_resources()
+
+
+def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]:
+    """Train; returns the summary (final metrics). The caller turns exceptions into exit codes."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from . import tracking
+    from .worker import train_loop_per_worker
+
+    t0 = time.time()
+    prep = prepared or prepare(cfg)
+    folder = run_dir(cfg.storage_path, cfg.run_name)  # type: ignore[arg-type]
+    info = read_json(f"{folder}/{RUN_INFO}") or {}
+    if info and (info.get("model"), info.get("optimizer")) != (cfg.model, cfg.optimizer):
+        raise ValueError(
+            f"run {cfg.run_name!r} in {cfg.storage_path} was a {info.get('model')} / {info.get('optimizer')} run; "
+            f"it cannot be resumed as {cfg.model} / {cfg.optimizer}: use another --run-name"
+        )
+    resources = _init_ray()
+    lo, hi = cfg.worker_range()
+    gpus = resources.get("GPU", 0.0)
+    use_gpu = gpus > 0 if cfg.use_gpu == "auto" else cfg.use_gpu == "true"
+    if use_gpu and gpus < lo:
+        raise ValueError(f"--use-gpu true with {lo} worker(s) but the cluster has {gpus:g} GPU(s)")
+    threads = max(1, int(resources.get("CPU", 1) // hi) - (0 if use_gpu else 1)) if not use_gpu else 1
+    run_id = tracking.start_run(
+        cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,  # type: ignore[arg-type]
+        run_id=info.get("mlflow_run_id"), parent_run_id=os.environ.get("RSO_MLFLOW_PARENT_RUN_ID"),
+        tags={"rso_ray.model": cfg.model, "rso_ray.optimizer": cfg.optimizer},
+    )
+    if not info:
+        write_json(f"{folder}/{RUN_INFO}", {"model": cfg.model, "optimizer": cfg.optimizer, "mlflow_run_id": run_id,
+                                           "data_fingerprint": prep.source.fingerprint(), "created": time.time()})
+    runtime = {
+        "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_run_id": run_id, "vocab_size": prep.vocab_size,
+        "data_fingerprint": prep.source.fingerprint(), "run_dir": folder, "threads": threads,
+        "llama_1b_comm_ratio": prep.comm_ratio_llama_1b,
+    }
+    print(
+        f"[rso_ray] run {cfg.run_name}: {cfg.model} with {cfg.optimizer}, data {prep.source.name} "
+        f"({len(prep.source.train)} train files), {'GPU' if use_gpu else 'CPU'} workers {cfg.workers}; "
+        f"MLflow run {run_id} at {cfg.mlflow_tracking_uri}; checkpoints in {folder}",
+        flush=True,
+    )
+    from ray.data import ExecutionOptions
+
+    train_options = DataConfig.default_ingest_options()
+    train_options.preserve_order = True  # a fixed stream order: the same blocks for the same seed
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "runtime": runtime},
+        scaling_config=ScalingConfig(
+            num_workers=(lo, hi) if hi > lo else lo,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
+            elastic_resize_monitor_interval_s=cfg.elastic_check_s,
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+        ),
+        datasets={
+            "train": functools.partial(
+                _make_train_dataset, cfg, prep.source, prep.vocab_size, f"{folder}/{DATA_POSITION}"
+            ),
+            "validation": ray.data.from_numpy(prep.validation).rename_columns({"data": "input_ids"}).materialize(),
+        },
+        dataset_config=DataConfig(
+            datasets_to_split=["train"],
+            execution_options={"train": train_options, "validation": ExecutionOptions(preserve_order=True)},
+        ),
+    )
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        tracking.MlflowTracker(cfg.mlflow_tracking_uri, run_id).finish(status)  # type: ignore[arg-type]
+    metrics = dict(result.metrics or {})
+    summary = {
+        "run": cfg.run_name, "mlflow_run_id": run_id, "steps": metrics.get("step"), "tokens": metrics.get("tokens"),
+        "eval_loss": metrics.get("eval_loss"), "train_wall_time_s": metrics.get("wall_time"),
+        "job_time_s": time.time() - t0, "checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
+    }
+    print_summary(cfg, summary)
+    return summary
+
+
+def print_summary(cfg: TrainConfig, s: dict[str, Any]) -> None:
+    loss = s.get("eval_loss")
+    rows = [
+        ["model / method", f"{cfg.model} / {cfg.optimizer}" + (f" (rank {cfg.rank}, {cfg.projection})" if cfg.optimizer == "rso" else "")],
+        ["steps", s.get("steps")],
+        ["tokens", f"{s['tokens']:,}" if s.get("tokens") else "-"],
+        ["eval loss", f"{loss:.4f}" if loss is not None else "-"],
+        ["eval perplexity", f"{math.exp(min(loss, 700)):.2f}" if loss is not None else "-"],
+        ["training time", human_duration(s["train_wall_time_s"]) if s.get("train_wall_time_s") else "-"],
+        ["job time", human_duration(s["job_time_s"])],
+        ["MLflow run", f"{s['mlflow_run_id']} ({cfg.mlflow_tracking_uri})"],
+        ["last checkpoint", s.get("checkpoint") or "-"],
+    ]
+    print("\n" + format_table(["summary", ""], rows), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..config import parse_config
+
+    try:
+        cfg, args = parse_config(argv)
+        if args.print_config:
+            for k, v in cfg.to_dict().items():
+                print(f"{k}: {v}")
+            return 0
+        prepared = prepare(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        run(cfg, prepared=prepared)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        cause = _root_cause(err)
+        print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        nxt = getattr(err, "cause", None) or err.__cause__
+        if isinstance(nxt, BaseException):
+            err = nxt
+            continue
+        worker_failures = getattr(err, "worker_failures", None)
+        if isinstance(worker_failures, dict) and worker_failures:
+            err = next(iter(worker_failures.values()))
+            continue
+        break
+    return err
+
