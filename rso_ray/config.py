@@ -77,7 +77,9 @@ class TrainConfig:
     workers: str = field(default="1", metadata=_help(
         "training workers: a number, or min:max for elastic training (e.g. 2:8)"))
     use_gpu: str = field(default="auto", metadata=_help("auto (GPUs if the cluster has any), true, false"))
-    cpus_per_worker: int = field(default=1, metadata=_help("CPUs reserved per training worker (default 1)"))
+    cpus_per_worker: float | None = field(default=None, metadata=_help(
+        "logical CPUs reserved per training worker (default: 1 with GPUs; without, an equal share of the "
+        "cluster's CPUs minus one, which is left to the data pipeline)"))
     max_failures: int = field(default=3, metadata=_help(
         "worker failures to recover from (restart from the last checkpoint); -1 for unlimited"))
     elastic_check_s: float = field(default=60.0, metadata=_help(
@@ -134,7 +136,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("seq_len", "log_every", "keep_checkpoints", "max_epochs", "max_nonfinite", "cpus_per_worker"):
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        for name in ("seq_len", "log_every", "keep_checkpoints", "max_epochs", "max_nonfinite"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")

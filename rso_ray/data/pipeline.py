@@ -198,13 +198,14 @@ def build_train_dataset(
     units = train_units(source, seed=seed, epochs=epochs, consumed=consumed)
     if not units:
         raise ValueError("no training data left: every unit of every epoch is consumed (raise --max-epochs)")
+    lo, hi = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     return ds.map_batches(
         TokenizePackUnits,
         fn_constructor_args=(tokenizer, seq_len, vocab_size),
         fn_constructor_kwargs={"on_bad_line": on_bad_line},
         batch_size=1,
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=1,
     )
 

@@ -29,8 +29,11 @@ class CommCounter:
         return n
 
 
-def counting_allreduce_hook(state: CommCounter, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-    """DDP's default all-reduce (average), after adding the bucket's size to ``state.bytes``."""
+def counting_allreduce_hook(state, bucket):  # type: ignore[no-untyped-def]
+    """DDP's default all-reduce (average), after adding the bucket's size to ``state.bytes``.
+
+    Left unannotated on purpose: DDP checks a hook's annotations, and postponed (string) annotations
+    would not compare equal to dist.GradBucket."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     buf = bucket.buffer()

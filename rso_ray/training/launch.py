@@ -22,6 +22,9 @@ from ..data.sources import DataSource, resolve_source
 from .storage import DATA_POSITION, RUN_INFO, read_json, run_dir, write_json
 
 DEMO_MODELS = ("llama-micro", "llama-tiny")
+# Ray Data's progress bars and Ray Train's print patch (which logs every print a second time) would drown
+# the progress lines of rank 0.
+QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 @dataclass
@@ -94,7 +97,7 @@ def _init_ray() -> dict[str, float]:
             log_to_driver=True,
             configure_logging=True,
             logging_level="WARNING",
-            runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}},
+            runtime_env={"env_vars": QUIET_ENV},
         )
     DataContext.get_current().enable_progress_bars = False
     return ray.cluster_resources()
@@ -104,7 +107,7 @@ def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]
     """Train; returns the summary (final metrics). The caller turns exceptions into exit codes."""
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from . import tracking
@@ -121,11 +124,14 @@ def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]
         )
     resources = _init_ray()
     lo, hi = cfg.worker_range()
-    gpus = resources.get("GPU", 0.0)
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     use_gpu = gpus > 0 if cfg.use_gpu == "auto" else cfg.use_gpu == "true"
     if use_gpu and gpus < lo:
-        raise ValueError(f"--use-gpu true with {lo} worker(s) but the cluster has {gpus:g} GPU(s)")
-    threads = max(1, int(resources.get("CPU", 1) // hi) - (0 if use_gpu else 1)) if not use_gpu else 1
+        print(f"[rso_ray] waiting for {lo} GPU(s) (the cluster has {gpus:g} now): the autoscaler must add GPU nodes", flush=True)
+    # Without GPUs the workers share the CPUs, minus one left to the data pipeline's tokenizer actor (a
+    # worker group that takes every CPU would starve the data and hang).
+    cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else max(0.25, (cpus - 1) / hi))
+    threads = max(1, int(cpus // hi)) if not use_gpu else max(1, int(cpus_per_worker))
     run_id = tracking.start_run(
         cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,  # type: ignore[arg-type]
         run_id=info.get("mlflow_run_id"), parent_run_id=os.environ.get("RSO_MLFLOW_PARENT_RUN_ID"),
@@ -147,15 +153,14 @@ def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]
     )
     from ray.data import ExecutionOptions
 
-    train_options = DataConfig.default_ingest_options()
-    train_options.preserve_order = True  # a fixed stream order: the same blocks for the same seed
+    train_options = ExecutionOptions(preserve_order=True)  # a fixed stream order: same blocks for the same seed
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "runtime": runtime},
         scaling_config=ScalingConfig(
             num_workers=(lo, hi) if hi > lo else lo,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
+            resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
             elastic_resize_monitor_interval_s=cfg.elastic_check_s,
         ),
         run_config=RunConfig(
@@ -163,7 +168,8 @@ def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]
             storage_path=cfg.storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **QUIET_ENV}},
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={
             "train": functools.partial(

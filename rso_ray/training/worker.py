@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -184,7 +183,7 @@ class WorkerLoop:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DDP(self.model, device_ids=ids, broadcast_buffers=False)
+            self.ddp = DDP(self.model, device_ids=ids)
             self.comm = CommCounter()
             self.ddp.register_comm_hook(self.comm, counting_allreduce_hook)  # type: ignore[operator]
         if self.rank == 0:
@@ -392,7 +391,9 @@ class WorkerLoop:
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Entry point run by every Ray Train worker."""
-    torch.set_num_threads(max(1, int(os.environ.get("RSO_WORKER_THREADS", "0")) or torch.get_num_threads()))
+    # Ray sets OMP_NUM_THREADS to the worker's logical CPUs (a fraction on a CPU-only machine); the driver
+    # works out the share of physical cores each worker should really use.
+    torch.set_num_threads(int(payload["runtime"]["threads"]))
     cfg = TrainConfig(**payload["config"])
     with contextlib.suppress(AttributeError):
         torch.backends.cuda.matmul.allow_tf32 = True
