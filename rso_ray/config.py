@@ -80,6 +80,9 @@ class TrainConfig:
     cpus_per_worker: float | None = field(default=None, metadata=_help(
         "logical CPUs reserved per training worker (default: 1 with GPUs; without, an equal share of the "
         "cluster's CPUs minus one, which is left to the data pipeline)"))
+    worker_resources: str | None = field(default=None, metadata=_help(
+        "extra Ray resources per training worker, as JSON, to pin workers to node types, e.g. "
+        "'{\"accelerator_type:A100\": 0.001}'"))
     max_failures: int = field(default=3, metadata=_help(
         "worker failures to recover from (restart from the last checkpoint); -1 for unlimited"))
     elastic_check_s: float = field(default=60.0, metadata=_help(
@@ -163,6 +166,7 @@ class TrainConfig:
         if self.elastic_check_s <= 0:
             raise ValueError(f"--elastic-check-s must be > 0, got {self.elastic_check_s}")
         self.worker_range()  # validates --workers
+        self.extra_worker_resources()  # validates --worker-resources
         gb, mb = self.global_batch_size, self.micro_batch_size
         if gb is not None and gb < self.worker_range()[1]:
             raise ValueError(
@@ -189,6 +193,19 @@ class TrainConfig:
         if lo < 1 or hi < lo:
             raise ValueError(f"--workers needs 1 <= min <= max, got {self.workers!r}")
         return lo, hi
+
+    def extra_worker_resources(self) -> dict[str, float]:
+        if not self.worker_resources:
+            return {}
+        try:
+            res = json.loads(self.worker_resources)
+            if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in res.values()):
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"--worker-resources must be a JSON object of resource: amount, got {self.worker_resources!r}"
+            ) from None
+        return {str(k): float(v) for k, v in res.items()}
 
     @property
     def elastic(self) -> bool:

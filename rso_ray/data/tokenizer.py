@@ -42,7 +42,8 @@ def load_tokenizer(spec: str) -> Any:
             hint = "HF_HUB_OFFLINE is set and it is not in the local cache: download it once, or pass a local folder"
         else:
             hint = "it is not a hub id that can be reached from here: pass a local folder, or use 'embedded'"
-        raise ValueError(f"cannot load tokenizer {spec!r}: {hint} ({type(err).__name__}: {err})") from None
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"cannot load tokenizer {spec!r}: {hint} ({type(err).__name__}: {first_line})") from None
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {spec!r} has no end-of-sequence token, which packing needs between documents")
     return tok

@@ -160,7 +160,7 @@ def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]
         scaling_config=ScalingConfig(
             num_workers=(lo, hi) if hi > lo else lo,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
+            resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {}) | cfg.extra_worker_resources(),
             elastic_resize_monitor_interval_s=cfg.elastic_check_s,
         ),
         run_config=RunConfig(

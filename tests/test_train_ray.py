@@ -1,0 +1,183 @@
+"""End-to-end training on a local Ray instance: 2 CPU workers, MLflow read back, gradient traffic, fault
+injection, a crash while writing a checkpoint, relaunch by run name, C4-format local shards.
+
+These start Ray and train for real (about a minute each on 2 cores): marked slow, run in CI.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rso_ray.config import TrainConfig, config_from_dict
+from rso_ray.core.methods import build_method
+from rso_ray.data.embedded_assets import embedded_shards
+from rso_ray.data.records import iter_records
+from rso_ray.models import build_model
+from rso_ray.training.checkpoint import MODEL_FILE, STATE_FILE, TRAIN_STATE_FILE
+from rso_ray.training.comm import trainable_bytes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    yield
+    ray.shutdown()
+
+
+def _config(tmp: Path, **overrides) -> TrainConfig:
+    base = dict(
+        model="llama-micro", steps=16, workers="2", global_batch_size=8, micro_batch_size=4, rank=16,
+        resample_every=4, log_every=2, eval_every=8, eval_tokens=8192, lr=3e-3,
+        storage_path=str(tmp / "runs"), mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", run_name="run",
+        max_failures=1,
+    )
+    base.update(overrides)
+    return config_from_dict(base).with_recipe()
+
+
+def _history(cfg: TrainConfig, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient(cfg.mlflow_tracking_uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)
+
+
+def _train(cfg: TrainConfig) -> dict:
+    from rso_ray.training.launch import run
+
+    return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_local, tmp_path_factory):
+    """The uninterrupted reference run (RSO, 2 workers) shared by several tests."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    cfg = _config(tmp)
+    return cfg, _train(cfg)
+
+
+def test_two_workers_train_and_log_to_mlflow(baseline) -> None:
+    cfg, summary = baseline
+    assert summary["steps"] == cfg.steps
+    run_id = summary["mlflow_run_id"]
+    loss = _history(cfg, run_id, "train/loss")
+    assert [s for s, _ in loss] == [1, *range(2, 17, 2)]  # every log step once
+    assert loss[-1][1] < loss[0][1] - 0.5  # the loss falls
+    ppl = _history(cfg, run_id, "eval/perplexity")
+    assert [s for s, _ in ppl] == [8, 16] and ppl[-1][1] < ppl[0][1]
+    assert math.isclose(_history(cfg, run_id, "eval/loss")[-1][1], summary["eval_loss"], rel_tol=1e-9)
+    # The global batch never changes; both workers held the same weights at every checkpoint.
+    assert {v for _, v in _history(cfg, run_id, "train/global_batch")} == {8.0}
+    assert summary["eval_loss"] < 7.5
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(cfg.mlflow_tracking_uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optimizer"] == "rso" and run.data.params["rank"] == "16"
+    assert "memory/activations_in_blocks" in run.data.metrics
+
+
+def test_two_workers_weights_identical(baseline) -> None:
+    cfg, summary = baseline
+    assert _history(cfg, summary["mlflow_run_id"], "train/merges")[-1][1] == cfg.steps // cfg.resample_every
+    ckpts = sorted(Path(cfg.storage_path, cfg.run_name).glob("checkpoint_*"))
+    assert ckpts and all((c / STATE_FILE).is_file() and (c / MODEL_FILE).is_file() and (c / TRAIN_STATE_FILE).is_file() for c in ckpts)
+    assert len(ckpts) <= cfg.keep_checkpoints
+    # weights_in_sync is reported with every checkpoint (all_gather of per-parameter sums).
+    from rso_ray.training.checkpoint import read_state
+
+    assert read_state(ckpts[-1])["world_size"] == 2
+
+
+def _expected_trainable_bytes(cfg: TrainConfig) -> int:
+    model = build_model(cfg.model, vocab_size=8192)
+    build_method(model, cfg.method_config())
+    return trainable_bytes(model)
+
+
+def test_gradient_bytes_equal_trainable_bytes_rso(baseline) -> None:
+    cfg, summary = baseline
+    sent = {v for _, v in _history(cfg, summary["mlflow_run_id"], "comm/bytes_per_step")}
+    assert sent == {float(_expected_trainable_bytes(cfg))}
+    # B matrices plus non-target parameters only: far less than every weight.
+    assert _expected_trainable_bytes(cfg) < trainable_bytes(build_model(cfg.model, vocab_size=8192))
+    ratio = {v for _, v in _history(cfg, summary["mlflow_run_id"], "comm/bytes_per_step_vs_adamw_llama_1b")}
+    assert len(ratio) == 1 and ratio.pop() <= 0.3
+
+
+def test_gradient_bytes_equal_trainable_bytes_adamw(ray_local, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, optimizer="adamw", steps=4, eval_every=4)
+    summary = _train(cfg)
+    sent = {v for _, v in _history(cfg, summary["mlflow_run_id"], "comm/bytes_per_step")}
+    assert sent == {float(_expected_trainable_bytes(cfg))}
+    assert sent == {float(trainable_bytes(build_model(cfg.model, vocab_size=8192)))}
+
+
+def test_worker_failure_recovers_without_double_counting(ray_local, baseline, tmp_path: Path) -> None:
+    ref_cfg, ref = baseline
+    cfg = _config(tmp_path, fail_at_step=10)  # after the checkpoint of step 8: steps 9 and 10 are redone
+    summary = _train(cfg)
+    assert summary["steps"] == ref["steps"] == cfg.steps
+    loss = _history(cfg, summary["mlflow_run_id"], "train/loss")
+    steps = [s for s, _ in loss]
+    assert steps == sorted(set(steps)) == [1, *range(2, 17, 2)]  # no step logged twice
+    assert (Path(cfg.storage_path) / cfg.run_name / ".fault_injected_step").exists()  # the fault did happen
+    assert _history(cfg, summary["mlflow_run_id"], "train/merges")[-1][1] == cfg.steps // cfg.resample_every
+    # Exact resume (same weights, same data position): the final loss is the uninterrupted run's.
+    assert summary["eval_loss"] == pytest.approx(ref["eval_loss"], abs=0.02)
+
+
+def test_crash_while_writing_checkpoint_keeps_previous(ray_local, baseline, tmp_path: Path) -> None:
+    _, ref = baseline
+    cfg = _config(tmp_path, fail_in_checkpoint_at_step=8)
+    summary = _train(cfg)
+    assert summary["steps"] == cfg.steps
+    run = Path(cfg.storage_path) / cfg.run_name
+    assert (run / ".fault_injected_checkpoint").exists()
+    for c in run.glob("checkpoint_*"):
+        assert (c / STATE_FILE).is_file() and (c / MODEL_FILE).is_file(), c
+    assert not list(run.glob(".checkpoint_*"))  # no half-written folder left behind
+    steps = [s for s, _ in _history(cfg, summary["mlflow_run_id"], "train/loss")]
+    assert steps == sorted(set(steps))
+    assert summary["eval_loss"] == pytest.approx(ref["eval_loss"], abs=0.02)
+
+
+def test_relaunch_with_same_name_resumes(ray_local, tmp_path: Path) -> None:
+    first = _config(tmp_path, workers="1", steps=8, eval_every=8)
+    s1 = _train(first)
+    second = _config(tmp_path, workers="1", steps=12, eval_every=4)
+    s2 = _train(second)
+    assert s2["mlflow_run_id"] == s1["mlflow_run_id"]  # one MLflow run per job, kept across launches
+    steps = [s for s, _ in _history(second, s2["mlflow_run_id"], "train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+    assert s2["tokens"] == 12 * 8 * 256  # steps 1-8 were not trained again
+
+
+def test_local_c4_shards_with_a_corrupt_line(ray_local, tmp_path: Path) -> None:
+    """The C4 path on local files of C4's format (json.gz shards named like allenai/c4's)."""
+    data = tmp_path / "c4"
+    data.mkdir()
+    records = list(iter_records(embedded_shards("train")[:1]))[:400]
+    for name, chunk, bad in (("c4-train.00000-of-00002.json.gz", records[:200], 5),
+                             ("c4-train.00001-of-00002.json.gz", records[200:350], None),
+                             ("c4-validation.00000-of-00001.json.gz", records[350:], None)):
+        lines = [json.dumps(r) for r in chunk]
+        if bad is not None:
+            lines.insert(bad, '{"text": "cut off in the mid')
+        with gzip.open(data / name, "wt", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+    cfg = _config(tmp_path, data=str(data), workers="1", steps=6, eval_every=6, eval_tokens=4096)
+    summary = _train(cfg)
+    assert summary["steps"] == 6
+    skipped = _history(cfg, summary["mlflow_run_id"], "data/skipped_lines")
+    assert skipped and skipped[-1][1] >= 1.0  # the corrupt line was skipped and counted
