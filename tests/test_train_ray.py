@@ -124,7 +124,7 @@ def test_gradient_bytes_equal_trainable_bytes_adamw(ray_local, tmp_path: Path) -
 
 
 def test_worker_failure_recovers_without_double_counting(ray_local, baseline, tmp_path: Path) -> None:
-    ref_cfg, ref = baseline
+    _, ref = baseline
     cfg = _config(tmp_path, fail_at_step=10)  # after the checkpoint of step 8: steps 9 and 10 are redone
     summary = _train(cfg)
     assert summary["steps"] == ref["steps"] == cfg.steps
