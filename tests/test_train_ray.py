@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    ray.init(num_cpus=2, logging_level="WARNING",
              runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
     yield
     ray.shutdown()
@@ -74,7 +74,8 @@ def test_two_workers_train_and_log_to_mlflow(baseline) -> None:
     assert [s for s, _ in loss] == [1, *range(2, 17, 2)]  # every log step once
     assert loss[-1][1] < loss[0][1] - 0.5  # the loss falls
     ppl = _history(cfg, run_id, "eval/perplexity")
-    assert [s for s, _ in ppl] == [8, 16] and ppl[-1][1] < ppl[0][1]
+    # Every 8 steps, and at the first checkpoint (step 4), which reports an eval loss to Ray Tune.
+    assert [s for s, _ in ppl] == [4, 8, 16] and ppl[-1][1] < ppl[0][1]
     assert math.isclose(_history(cfg, run_id, "eval/loss")[-1][1], summary["eval_loss"], rel_tol=1e-9)
     # The global batch never changes; both workers held the same weights at every checkpoint.
     assert {v for _, v in _history(cfg, run_id, "train/global_batch")} == {8.0}
@@ -90,7 +91,7 @@ def test_two_workers_train_and_log_to_mlflow(baseline) -> None:
 def test_two_workers_weights_identical(baseline) -> None:
     cfg, summary = baseline
     assert _history(cfg, summary["mlflow_run_id"], "train/merges")[-1][1] == cfg.steps // cfg.resample_every
-    ckpts = sorted(Path(cfg.storage_path, cfg.run_name).glob("checkpoint_*"))
+    ckpts = sorted(p for p in Path(cfg.storage_path, cfg.run_name).glob("checkpoint_*") if p.is_dir())
     assert ckpts and all((c / STATE_FILE).is_file() and (c / MODEL_FILE).is_file() and (c / TRAIN_STATE_FILE).is_file() for c in ckpts)
     assert len(ckpts) <= cfg.keep_checkpoints
     # weights_in_sync is reported with every checkpoint (all_gather of per-parameter sums).
@@ -130,7 +131,9 @@ def test_worker_failure_recovers_without_double_counting(ray_local, baseline, tm
     assert summary["steps"] == ref["steps"] == cfg.steps
     loss = _history(cfg, summary["mlflow_run_id"], "train/loss")
     steps = [s for s, _ in loss]
-    assert steps == sorted(set(steps)) == [1, *range(2, 17, 2)]  # no step logged twice
+    # No step logged twice: the restart from the checkpoint of step 8 logs its first step (9) and goes on;
+    # step 10, trained before the failure but not logged, is logged once by the second attempt.
+    assert steps == sorted(set(steps)) == [1, 2, 4, 6, 8, 9, 10, 12, 14, 16]
     assert (Path(cfg.storage_path) / cfg.run_name / ".fault_injected_step").exists()  # the fault did happen
     assert _history(cfg, summary["mlflow_run_id"], "train/merges")[-1][1] == cfg.steps // cfg.resample_every
     # Exact resume (same weights, same data position): the final loss is the uninterrupted run's.
@@ -144,7 +147,7 @@ def test_crash_while_writing_checkpoint_keeps_previous(ray_local, baseline, tmp_
     assert summary["steps"] == cfg.steps
     run = Path(cfg.storage_path) / cfg.run_name
     assert (run / ".fault_injected_checkpoint").exists()
-    for c in run.glob("checkpoint_*"):
+    for c in (p for p in run.glob("checkpoint_*") if p.is_dir()):
         assert (c / STATE_FILE).is_file() and (c / MODEL_FILE).is_file(), c
     assert not list(run.glob(".checkpoint_*"))  # no half-written folder left behind
     steps = [s for s, _ in _history(cfg, summary["mlflow_run_id"], "train/loss")]
