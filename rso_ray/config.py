@@ -96,6 +96,9 @@ class TrainConfig:
     on_bad_line: str = field(default="skip", metadata=_help(
         "a corrupt json line: skip (count it, default) or error (stop, naming file and line)"))
     max_epochs: int = field(default=100, metadata=_help("passes over the training data at most"))
+    data_buffer_mb: int = field(default=64, metadata=_help(
+        "tokenized blocks held ahead of training (object store MiB); the tokenizer pauses when the buffer is "
+        "full instead of competing with training for CPUs"))
     # -- evaluation, checkpoints, logging ----------------------------------------------------------
     eval_every: int | None = field(default=None, metadata=_help("steps between evaluations (default: recipe)"))
     eval_tokens: int | None = field(default=None, metadata=_help(
@@ -141,7 +144,7 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
-        for name in ("seq_len", "log_every", "keep_checkpoints", "max_epochs", "max_nonfinite"):
+        for name in ("seq_len", "log_every", "keep_checkpoints", "max_epochs", "max_nonfinite", "data_buffer_mb"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
@@ -272,7 +275,7 @@ _PAPER = dict(global_batch_size=512, resample_every=200, eval_every=1000, eval_t
 RECIPES: dict[str, dict[str, Any]] = {
     "llama-micro": dict(steps=40, rank=16, global_batch_size=8, micro_batch_size=8, resample_every=10,
                         eval_every=20, eval_tokens=8192, lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2}),
-    "llama-tiny": dict(steps=150, rank=64, global_batch_size=16, micro_batch_size=16, resample_every=50,
+    "llama-tiny": dict(steps=100, rank=64, global_batch_size=16, micro_batch_size=16, resample_every=50,
                        eval_every=50, eval_tokens=65536, lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2}),
     "llama-60m": dict(_PAPER, steps=10_000, rank=128, micro_batch_size=128, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
     "llama-130m": dict(_PAPER, steps=20_000, rank=256, micro_batch_size=64, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),

@@ -199,6 +199,11 @@ def build_train_dataset(
     if not units:
         raise ValueError("no training data left: every unit of every epoch is consumed (raise --max-epochs)")
     lo, hi = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
+    from .idle_backoff import IdleBackoff
+
+    ctx = ray.data.DataContext.get_current()
+    if IdleBackoff not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(IdleBackoff)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     return ds.map_batches(
         TokenizePackUnits,

@@ -24,7 +24,11 @@ from .storage import DATA_POSITION, RUN_INFO, read_json, run_dir, write_json
 DEMO_MODELS = ("llama-micro", "llama-tiny")
 # Ray Data's progress bars and Ray Train's print patch (which logs every print a second time) would drown
 # the progress lines of rank 0.
-QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+QUIET_ENV = {
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_DATA_EXECUTION_CALLBACKS": "rso_ray.data.idle_backoff.IdleBackoff",  # see IdleBackoff: no busy polling
+}
 
 
 @dataclass
@@ -37,6 +41,8 @@ class Prepared:
     tokenizer_vocab: int
     validation: Any  # (N, seq_len) int32 numpy array
     comm_ratio_llama_1b: float
+    epochs: int
+    """Epochs of units in the train stream: enough for the token budget (with a margin), at most --max-epochs."""
 
 
 def resolve_vocab(cfg: TrainConfig, tokenizer_len: int) -> int:
@@ -70,10 +76,27 @@ def prepare(cfg: TrainConfig) -> Prepared:
         on_bad_line=cfg.on_bad_line,
     )
     ratio = gradient_bytes_ratio("llama-1b", 512)["ratio"]
-    return Prepared(cfg, source, vocab, len(tok), val, ratio)
+    return Prepared(cfg, source, vocab, len(tok), val, ratio, epochs_needed(cfg, source, tok, vocab))
 
 
-def _make_train_dataset(cfg: TrainConfig, source: DataSource, vocab_size: int, position_uri: str) -> Any:
+def epochs_needed(cfg: TrainConfig, source: DataSource, tok: Any, vocab: int) -> int:
+    """How many passes over the train files the run needs: a stream that ends soon after the budget lets
+    Ray Data finish instead of tokenizing (or waiting on backpressure) far ahead of training. Estimated
+    from the first file when it is local and small; otherwise --max-epochs."""
+    from pathlib import Path
+
+    from ..data.packing import Packer
+
+    first = source.train[0]
+    if "://" in first or Path(first).stat().st_size > 64 * 2**20:
+        return cfg.max_epochs
+    per_file = sum(1 for _ in Packer(tok, cfg.seq_len, vocab_size=vocab).blocks(first))
+    per_epoch = max(1, per_file * len(source.train))
+    needed = cfg.steps * cfg.global_batch_size  # type: ignore[operator]
+    return int(min(cfg.max_epochs, math.ceil(1.25 * needed / per_epoch) + 1))
+
+
+def _make_train_dataset(cfg: TrainConfig, source: DataSource, vocab_size: int, epochs: int, position_uri: str) -> Any:
     """Called by Ray Train at every worker-group start: skip what the last checkpoint consumed."""
     from ray.data import DataContext
 
@@ -82,7 +105,7 @@ def _make_train_dataset(cfg: TrainConfig, source: DataSource, vocab_size: int, p
     consumed = ConsumedBlocks.from_json(position.get("consumed"))
     return build_train_dataset(
         source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=vocab_size, seed=cfg.seed,
-        epochs=cfg.max_epochs, consumed=consumed, on_bad_line=cfg.on_bad_line,
+        epochs=epochs, consumed=consumed, on_bad_line=cfg.on_bad_line,
     )
 
 
@@ -151,9 +174,13 @@ def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]
         f"MLflow run {run_id} at {cfg.mlflow_tracking_uri}; checkpoints in {folder}",
         flush=True,
     )
-    from ray.data import ExecutionOptions
+    from ray.data import ExecutionOptions, ExecutionResources
 
-    train_options = ExecutionOptions(preserve_order=True)  # a fixed stream order: same blocks for the same seed
+    # A fixed stream order (the same blocks for the same seed), and backpressure: the tokenizer works at
+    # most --data-buffer-mb ahead of training rather than racing through every epoch.
+    train_options = ExecutionOptions(
+        preserve_order=True, resource_limits=ExecutionResources(object_store_memory=cfg.data_buffer_mb * 2**20)
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "runtime": runtime},
@@ -173,7 +200,7 @@ def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]
         ),
         datasets={
             "train": functools.partial(
-                _make_train_dataset, cfg, prep.source, prep.vocab_size, f"{folder}/{DATA_POSITION}"
+                _make_train_dataset, cfg, prep.source, prep.vocab_size, prep.epochs, f"{folder}/{DATA_POSITION}"
             ),
             "validation": ray.data.from_numpy(prep.validation).rename_columns({"data": "input_ids"}).materialize(),
         },
