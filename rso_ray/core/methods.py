@@ -294,12 +294,12 @@ class RSOMethod(TrainingMethod):
         self.outer_step = 0
         self.inner_steps = 0
         cls, defaults = resolve_optimizer(config.inner_optimizer)
-        kwargs = {**defaults, **config.inner_optimizer_kwargs}
+        kwargs: dict[str, Any] = {**defaults, **config.inner_optimizer_kwargs, "lr": config.lr}
         if cls in (torch.optim.Adam, torch.optim.AdamW):
             kwargs.setdefault("betas", config.betas)
             kwargs.setdefault("eps", config.adam_eps)
         try:
-            self.inner = _with_initial_lr(cls(self.handle.b_parameters(), lr=config.lr, **kwargs))
+            self.inner = _with_initial_lr(cls(self.handle.b_parameters(), **kwargs))
         except TypeError as err:
             raise ValueError(f"inner optimizer {config.inner_optimizer!r} rejected its arguments {kwargs}: {err}") from err
         b_ids = {id(b) for b in self.handle.b_parameters()}
