@@ -96,6 +96,8 @@ class TrainConfig:
     on_bad_line: str = field(default="skip", metadata=_help(
         "a corrupt json line: skip (count it, default) or error (stop, naming file and line)"))
     max_epochs: int = field(default=100, metadata=_help("passes over the training data at most"))
+    data_cpus: float = field(default=1.0, metadata=_help(
+        "logical CPUs of each tokenizer actor of the data pipeline (default 1; sweeps that share a machine use less)"))
     data_buffer_mb: int = field(default=64, metadata=_help(
         "tokenized blocks held ahead of training (object store MiB); the tokenizer pauses when the buffer is "
         "full instead of competing with training for CPUs"))
@@ -142,6 +144,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        if not self.data_cpus > 0:
+            raise ValueError(f"--data-cpus must be > 0, got {self.data_cpus}")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         for name in ("seq_len", "log_every", "keep_checkpoints", "max_epochs", "max_nonfinite", "data_buffer_mb"):

@@ -191,6 +191,7 @@ def build_train_dataset(
     consumed: ConsumedBlocks,
     on_bad_line: str = "skip",
     concurrency: int | tuple[int, int] = (1, 4),
+    data_cpus: float = 1.0,
 ) -> Any:
     """A lazy Ray Dataset of packed blocks, in a fixed order, without the blocks in ``consumed``."""
     import ray.data
@@ -211,7 +212,7 @@ def build_train_dataset(
         fn_constructor_kwargs={"on_bad_line": on_bad_line},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_cpus=1,
+        num_cpus=data_cpus,
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ def _make_train_dataset(cfg: TrainConfig, source: DataSource, vocab_size: int, e
     consumed = ConsumedBlocks.from_json(position.get("consumed"))
     return build_train_dataset(
         source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=vocab_size, seed=cfg.seed,
-        epochs=epochs, consumed=consumed, on_bad_line=cfg.on_bad_line,
+        epochs=epochs, consumed=consumed, on_bad_line=cfg.on_bad_line, data_cpus=cfg.data_cpus,
     )
 
 
@@ -126,8 +125,17 @@ def _init_ray() -> dict[str, float]:
     return ray.cluster_resources()
 
 
-def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]:
-    """Train; returns the summary (final metrics). The caller turns exceptions into exit codes."""
+def run(
+    cfg: TrainConfig,
+    *,
+    prepared: Prepared | None = None,
+    parent_run_id: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Train; returns the summary (final metrics). The caller turns exceptions into exit codes.
+
+    ``parent_run_id`` nests the job's MLflow run under a sweep's run; ``callbacks`` are Ray Train
+    callbacks (a Tune trial passes TuneReportCallback)."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -153,11 +161,11 @@ def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]
         print(f"[rso_ray] waiting for {lo} GPU(s) (the cluster has {gpus:g} now): the autoscaler must add GPU nodes", flush=True)
     # Without GPUs the workers share the CPUs, minus one left to the data pipeline's tokenizer actor (a
     # worker group that takes every CPU would starve the data and hang).
-    cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else max(0.25, (cpus - 1) / hi))
-    threads = max(1, int(cpus // hi)) if not use_gpu else max(1, int(cpus_per_worker))
+    cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else max(0.25, (cpus - cfg.data_cpus) / hi))
+    threads = max(1, int(cpus_per_worker if (use_gpu or cfg.cpus_per_worker) else cpus // hi))
     run_id = tracking.start_run(
         cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,  # type: ignore[arg-type]
-        run_id=info.get("mlflow_run_id"), parent_run_id=os.environ.get("RSO_MLFLOW_PARENT_RUN_ID"),
+        run_id=info.get("mlflow_run_id"), parent_run_id=parent_run_id,
         tags={"rso_ray.model": cfg.model, "rso_ray.optimizer": cfg.optimizer},
     )
     if not info:
@@ -197,6 +205,7 @@ def run(cfg: TrainConfig, *, prepared: Prepared | None = None) -> dict[str, Any]
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **QUIET_ENV}},
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
         datasets={
             "train": functools.partial(

@@ -375,7 +375,8 @@ class WorkerLoop:
                 self.tracker.log_metrics({"eval/loss": ev.loss, "eval/perplexity": ev.perplexity, "eval/tokens": ev.tokens}, step=st.step)
                 if self.rank == 0:
                     print(f"[rso_ray] step {st.step}: eval loss {ev.loss:.4f}, perplexity {ev.perplexity:.2f} ({ev.tokens:,} tokens)", flush=True)
-            report = {"step": st.step, "eval_loss": st.last_eval, "tokens": st.tokens, "wall_time": st.wall_time}
+            report = {"step": st.step, "eval_loss": st.last_eval, "tokens": st.tokens, "wall_time": st.wall_time,
+                      "mlflow_run_id": self.rt["mlflow_run_id"], "steps_total": cfg.steps}
             if do_ckpt:
                 self.checkpoint(report)
             elif do_eval:
