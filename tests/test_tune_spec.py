@@ -1,0 +1,98 @@
+"""Sweep files: the shipped ones validate; bad ones fail fast with the key and its line."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rso_ray.tune import main as tune_main
+from rso_ray.tuning.runner import check_cluster_fits
+from rso_ray.tuning.spec import SweepError, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = """\
+name: t
+base:
+  model: llama-micro
+  steps: 24
+  eval_every: 8
+search_space:
+  rank: {grid: [8, 16]}
+  lr: {loguniform: [0.001, 0.01]}
+num_samples: 2
+resources: {workers: 1}
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "tune_spaces").glob("*.yaml")))
+def test_shipped_sweeps_validate(name: str) -> None:
+    spec = load_sweep(ROOT / "tune_spaces" / name)
+    assert spec.space and spec.trial_count() >= 4
+
+
+def test_good_sweep(tmp_path: Path) -> None:
+    spec = load_sweep(_write(tmp_path, GOOD))
+    assert spec.trial_count() == 4 and spec.metric == "eval_loss" and spec.scheduler["type"] == "asha"
+    assert [d.kind for d in spec.space] == ["grid", "loguniform"]
+    cfg = spec.base_config()
+    assert cfg.model == "llama-micro" and cfg.steps == 24 and cfg.workers == "1"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("num_samples: 2", "num_samples: 2\nlearning_rate: 3"), r"sweep\.yaml, line 10: learning_rate: unknown key; allowed: name, base"),
+        (("lr: {loguniform: [0.001, 0.01]}", "lr: {lognormal: [0.001, 0.01]}"), r"line 8: search_space\.lr: unknown distribution 'lognormal'; allowed: grid, choice, uniform, loguniform, randint"),
+        (("lr: {loguniform: [0.001, 0.01]}", "lr: {loguniform: [0.0, 0.01]}"), r"line 8: search_space\.lr: loguniform needs low > 0"),
+        (("lr: {loguniform: [0.001, 0.01]}", "lr: {uniform: [0.01, 0.001]}"), r"line 8: search_space\.lr: uniform needs low < high"),
+        (("rank: {grid: [8, 16]}", "rank: {grid: []}"), r"line 7: search_space\.rank: grid takes a non-empty list"),
+        (("rank: {grid: [8, 16]}", "rank: {randint: [8.5, 16]}"), r"search_space\.rank: randint takes integers"),
+        (("rank: {grid: [8, 16]}", "rank: {grid: [8, 4096]}"), r"line 7: search_space\.rank: value 4096 is not valid: rank 4096 is larger than the input dimension 64"),
+        (("rank: {grid: [8, 16]}", "rank: {grid: [8, -1]}"), r"search_space\.rank: value -1 is not valid: --rank must be a positive integer"),
+        (("rank: {grid: [8, 16]}", "ranks: {grid: [8, 16]}"), r"line 7: search_space\.ranks: is not an option of python -m rso_ray\.train"),
+        (("  steps: 24", "  steps: 24\n  workers: 2"), r"line 5: base\.workers: is not allowed in base \(set it under resources:\)"),
+        (("  steps: 24", "  steps: 24\n  rank: 8"), r"search_space\.rank: is also in base"),
+        (("  model: llama-micro", "  model: llama-2b"), r"base: --model: unknown model 'llama-2b'"),
+        (("resources: {workers: 1}", "resources: {workers: 1, gpus: 2}"), r"line 10: resources\.gpus: unknown key"),
+        (("resources: {workers: 1}", "resources: {workers: 1, max_concurrent_trials: 0}"), r"resources\.max_concurrent_trials: must be an integer >= 1"),
+        (("num_samples: 2", "num_samples: 2\nscheduler: {type: hyperband}"), r"line 10: scheduler\.type: must be asha or fifo"),
+        (("num_samples: 2", "num_samples: 2\nscheduler: {type: asha, max_t: 100}"), r"scheduler\.max_t: 100 is more than the trials' 24 steps"),
+        (("num_samples: 2", "num_samples: 2\nmetric: accuracy"), r"line 10: metric: must be one of eval_loss, tokens, wall_time"),
+        (("num_samples: 2", "num_samples: 0"), r"num_samples: must be an integer >= 1"),
+    ],
+)
+def test_bad_sweeps_name_the_key_and_line(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(SweepError, match=message):
+        load_sweep(_write(tmp_path, GOOD.replace(old, new)))
+
+
+def test_impossible_resources_fail_before_trials(tmp_path: Path) -> None:
+    spec = load_sweep(_write(tmp_path, GOOD.replace("resources: {workers: 1}", "resources: {workers: 4, use_gpu: 'true'}")))
+    with pytest.raises(SweepError, match=r"line 10: resources\.workers: a trial needs 4 GPU worker\(s\), the cluster has 1 GPU"):
+        check_cluster_fits(spec, spec.base_config(), {"CPU": 16.0, "GPU": 1.0})
+    spec = load_sweep(_write(tmp_path, GOOD.replace("resources: {workers: 1}", "resources: {workers: 3, cpus_per_worker: 2}")))
+    with pytest.raises(SweepError, match=r"a trial needs 7 CPUs \(3 worker\(s\) x 2 \+ 1 for the tokenizer\), the cluster has 4"):
+        check_cluster_fits(spec, spec.base_config(), {"CPU": 4.0})
+    check_cluster_fits(spec, spec.base_config(), {"CPU": 8.0})  # fits: no error
+
+
+def test_cli_reports_errors_in_one_line(tmp_path: Path, capsys) -> None:
+    import ray
+
+    path = _write(tmp_path, GOOD.replace("lr: {loguniform", "lr: {gaussian"))
+    assert tune_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "search_space.lr: unknown distribution 'gaussian'" in err
+    assert not ray.is_initialized()
+    assert tune_main([str(ROOT / "tune_spaces" / "smoke.yaml"), "--check"]) == 0
+    assert "valid; 4 trial(s) over rank, lr" in capsys.readouterr().out
