@@ -4,7 +4,8 @@
 
 Every method trains its own copy of the same model on the same batches; the methods take turns step by
 step (round robin), so drifts of a noisy machine hit all of them alike, and the figure is the median step.
-A step is forward + backward + optimizer step. RSO's resampling (a QR per group every tau steps) happens
+A step is forward + backward + optimizer step (the optimizer step is also timed alone: the FLOP limit
+counts matmuls only, while AdamW also updates every weight and its two moments). RSO's resampling (a QR per group every tau steps) happens
 outside the timed steps; its cost is timed separately and reported amortized over tau.
 
 The FLOP ratio RSO/AdamW of facts.md section 6 is printed next to the measured ratio: per target layer
@@ -80,17 +81,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = MethodConfig(rank=args.rank, total_steps=1000, resample_every=10**9, **VARIANTS[variant])
         runs[variant] = (model, build_method(model, cfg))
     times: dict[str, list[float]] = {v: [] for v in runs}
+    opt_times: dict[str, list[float]] = {v: [] for v in runs}
     for i, ids in enumerate(batches):
         for variant, (model, method) in runs.items():
             t0 = time.perf_counter()
             method.zero_grad()
             loss = model(ids, labels=ids).loss
             loss.backward()
+            t1 = time.perf_counter()
             method.step()
-            dt = time.perf_counter() - t0
+            dt, dt_opt = time.perf_counter() - t0, time.perf_counter() - t1
             if i > 0:
                 times[variant].append(dt)
-            print(f"step {i} {variant:15s} {dt:7.3f}s loss {loss.item():.4f}", flush=True)
+                opt_times[variant].append(dt_opt)
+            print(f"step {i} {variant:15s} {dt:7.3f}s (optimizer {dt_opt:.3f}s) loss {loss.item():.4f}", flush=True)
     resample = {}
     for variant, (_, method) in runs.items():
         if isinstance(method, RSOMethod):
@@ -98,16 +102,20 @@ def main(argv: list[str] | None = None) -> int:
             method.handle.resample(method.outer_step + 1)
             resample[variant] = time.perf_counter() - t0
     med = {v: statistics.median(t) for v, t in times.items()}
+    med_opt = {v: statistics.median(t) for v, t in opt_times.items()}
     tokens = args.batch_size * args.seq_len
     rows = []
     for v in runs:
         ratio = med[v] / med["adamw"] if "adamw" in med else float("nan")
         fr = flop_ratio(args.model, args.layers, args.rank, tokens, args.seq_len, "coordinate" in v) if v.startswith("rso") else None
+        fwd_bwd = med[v] - med_opt[v]
+        base_fb = med["adamw"] - med_opt["adamw"] if "adamw" in med else float("nan")
         rows.append(
             [v, f"{med[v]:.3f}", f"{tokens / med[v]:.0f}", f"{ratio:.3f}", f"{fr:.3f}" if fr else "-",
-             f"{resample[v]:.3f}" if v in resample else "-"]
+             f"{fwd_bwd:.3f}", f"{fwd_bwd / base_fb:.3f}", f"{med_opt[v]:.3f}", f"{resample[v]:.3f}" if v in resample else "-"]
         )
-    headers = ["method", "median step (s)", "tokens/s", "step / adamw", "FLOP limit", "resample (s, every tau)"]
+    headers = ["method", "median step (s)", "tokens/s", "step / adamw", "FLOP limit", "fwd+bwd (s)",
+               "fwd+bwd / adamw", "optimizer (s)", "resample (s, every tau)"]
     settings = (
         f"{args.model}" + (f" ({args.layers} blocks)" if args.layers else "")
         + f", rank {args.rank}, {args.batch_size} x {args.seq_len} tokens, float32, {args.steps} timed steps each, "
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(
             json.dumps({"settings": vars(args) | {"out": str(args.out)}, "step_times": times, "median": med,
+                        "optimizer_times": opt_times, "median_optimizer": med_opt,
                         "resample_seconds": resample, "command": " ".join(sys.argv)}, indent=2)
         )
         args.out.with_suffix(".md").write_text(

@@ -130,3 +130,32 @@ def test_named_configs_match_the_papers() -> None:
 def test_unknown_model_name() -> None:
     with pytest.raises(ValueError, match="unknown model 'llama-3b'; choose one of llama-micro, llama-tiny"):
         build_model("llama-3b")
+
+
+def test_any_hugging_face_causal_lm_can_be_wrapped(tmp_path) -> None:
+    """hf:<local folder> builds transformers' model from its config (no download) and RSO trains it."""
+    from transformers import LlamaConfig as HFConfig
+
+    from rso_ray.core.methods import MethodConfig, build_method
+
+    HFConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+             tie_word_embeddings=False).save_pretrained(tmp_path)
+    model = build_model(f"hf:{tmp_path}", seed=0)
+    assert type(model).__name__ == "LlamaForCausalLM" and type(model).__module__.startswith("transformers")
+    method = build_method(model, MethodConfig(name="rso", rank=8, lr=1e-2, resample_every=3, total_steps=12))
+    assert len(method.handle.layers) == 14  # q k v o gate up down in 2 blocks, matched by name
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(12):
+        method.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        method.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert method.outer_step == 4
+
+
+def test_hf_model_that_cannot_be_found(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"cannot load the Hugging Face config '.*nowhere'"):
+        build_model(f"hf:{tmp_path / 'nowhere'}")

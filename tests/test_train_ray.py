@@ -184,3 +184,17 @@ def test_local_c4_shards_with_a_corrupt_line(ray_local, tmp_path: Path) -> None:
     assert summary["steps"] == 6
     skipped = _history(cfg, summary["mlflow_run_id"], "data/skipped_lines")
     assert skipped and skipped[-1][1] >= 1.0  # the corrupt line was skipped and counted
+
+
+def test_repeated_nonfinite_losses_stop_the_run(ray_local, tmp_path: Path) -> None:
+    from rso_ray.training.launch import TrainingDiverged
+
+    cfg = _config(tmp_path, workers="1", lr=1e8, warmup_ratio=0.0, max_nonfinite=2, steps=12)
+    with pytest.raises(TrainingDiverged, match=r"2 non-finite steps in a row at step \d+ \(--max-nonfinite 2\): the run diverged"):
+        _train(cfg)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("rso_ray").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert client.get_metric_history(run.info.run_id, "train/nonfinite_steps")

@@ -29,6 +29,7 @@ from .records import ReadStats
 from .sources import DataSource
 
 Ranges = list[list[int]]  # sorted, disjoint [start, end) block ranges
+MAX_BLOCKS = 2048
 
 
 def merge_ranges(ranges: Sequence[Sequence[int]]) -> Ranges:
@@ -205,7 +206,9 @@ def build_train_dataset(
     ctx = ray.data.DataContext.get_current()
     if IdleBackoff not in ctx.custom_execution_callback_classes:
         ctx.custom_execution_callback_classes.append(IdleBackoff)
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    # One unit per block for parallel reads, at most MAX_BLOCKS blocks (each then holds a few units, read in
+    # order by one task) so that hundreds of epochs of a big file list stay cheap to plan.
+    ds = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_BLOCKS))
     return ds.map_batches(
         TokenizePackUnits,
         fn_constructor_args=(tokenizer, seq_len, vocab_size),

@@ -30,6 +30,13 @@ QUIET_ENV = {
 }
 
 
+C4_TRAIN_TOKENS = 156_000_000_000  # allenai/c4 'en' train split with the T5 tokenizer, about
+
+
+class TrainingDiverged(RuntimeError):
+    """The run stopped after --max-nonfinite non-finite steps in a row."""
+
+
 @dataclass
 class Prepared:
     """What the driver worked out before starting Ray."""
@@ -81,17 +88,20 @@ def prepare(cfg: TrainConfig) -> Prepared:
 def epochs_needed(cfg: TrainConfig, source: DataSource, tok: Any, vocab: int) -> int:
     """How many passes over the train files the run needs: a stream that ends soon after the budget lets
     Ray Data finish instead of tokenizing (or waiting on backpressure) far ahead of training. Estimated
-    from the first file when it is local and small; otherwise --max-epochs."""
+    from the first file when it is local and small, from C4's known size for 'c4', else --max-epochs."""
     from pathlib import Path
 
     from ..data.packing import Packer
 
-    first = source.train[0]
-    if "://" in first or Path(first).stat().st_size > 64 * 2**20:
-        return cfg.max_epochs
-    per_file = sum(1 for _ in Packer(tok, cfg.seq_len, vocab_size=vocab).blocks(first))
-    per_epoch = max(1, per_file * len(source.train))
     needed = cfg.steps * cfg.global_batch_size  # type: ignore[operator]
+    first = source.train[0]
+    if source.name == "c4":
+        per_epoch = C4_TRAIN_TOKENS // cfg.seq_len
+    elif "://" in first or Path(first).stat().st_size > 64 * 2**20:
+        return cfg.max_epochs
+    else:
+        per_file = sum(1 for _ in Packer(tok, cfg.seq_len, vocab_size=vocab).blocks(first))
+        per_epoch = max(1, per_file * len(source.train))
     return int(min(cfg.max_epochs, math.ceil(1.25 * needed / per_epoch) + 1))
 
 
@@ -125,6 +135,76 @@ def _init_ray() -> dict[str, float]:
     return ray.cluster_resources()
 
 
+@dataclass
+class Placement:
+    """How the worker group sits on the cluster."""
+
+    use_gpu: bool
+    cpus_per_worker: float
+    threads: int
+
+
+def place_workers(cfg: TrainConfig, resources: dict[str, float]) -> Placement:
+    """GPU or CPU workers, their logical CPUs and torch threads, from the cluster's resources."""
+    lo, hi = cfg.worker_range()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+    use_gpu = gpus > 0 if cfg.use_gpu == "auto" else cfg.use_gpu == "true"
+    if use_gpu and gpus < lo:
+        print(f"[rso_ray] waiting for {lo} GPU(s) (the cluster has {gpus:g} now): the autoscaler must add GPU nodes", flush=True)
+    # Without GPUs the workers share the CPUs, minus what the data pipeline's tokenizer actor needs (a
+    # worker group that takes every CPU would starve the data and hang).
+    cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else max(0.25, (cpus - cfg.data_cpus) / hi))
+    threads = max(1, int(cpus_per_worker if (use_gpu or cfg.cpus_per_worker) else cpus // hi))
+    return Placement(use_gpu, cpus_per_worker, threads)
+
+
+def build_trainer(cfg: TrainConfig, prep: Prepared, place: Placement, runtime: dict[str, Any], callbacks: list[Any] | None) -> Any:
+    """The TorchTrainer of a run: scaling (fixed or elastic), failures, checkpoints, and the datasets."""
+    import ray
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .worker import train_loop_per_worker
+
+    lo, hi = cfg.worker_range()
+    # A fixed stream order (the same blocks for the same seed), and backpressure: the tokenizer works at
+    # most --data-buffer-mb ahead of training rather than racing through every epoch.
+    train_options = ExecutionOptions(
+        preserve_order=True, resource_limits=ExecutionResources(object_store_memory=cfg.data_buffer_mb * 2**20)
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "runtime": runtime},
+        scaling_config=ScalingConfig(
+            num_workers=(lo, hi) if hi > lo else lo,
+            use_gpu=place.use_gpu,
+            resources_per_worker={"CPU": place.cpus_per_worker} | ({"GPU": 1} if place.use_gpu else {})
+            | cfg.extra_worker_resources(),
+            elastic_resize_monitor_interval_s=cfg.elastic_check_s,
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(place.threads), **QUIET_ENV}},
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
+        ),
+        datasets={
+            "train": functools.partial(
+                _make_train_dataset, cfg, prep.source, prep.vocab_size, prep.epochs, runtime["data_position"]
+            ),
+            "validation": ray.data.from_numpy(prep.validation).rename_columns({"data": "input_ids"}).materialize(),
+        },
+        dataset_config=DataConfig(
+            datasets_to_split=["train"],
+            execution_options={"train": train_options, "validation": ExecutionOptions(preserve_order=True)},
+        ),
+    )
+
+
 def run(
     cfg: TrainConfig,
     *,
@@ -136,13 +216,7 @@ def run(
 
     ``parent_run_id`` nests the job's MLflow run under a sweep's run; ``callbacks`` are Ray Train
     callbacks (a Tune trial passes TuneReportCallback)."""
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from . import tracking
-    from .worker import train_loop_per_worker
 
     t0 = time.time()
     prep = prepared or prepare(cfg)
@@ -153,16 +227,7 @@ def run(
             f"run {cfg.run_name!r} in {cfg.storage_path} was a {info.get('model')} / {info.get('optimizer')} run; "
             f"it cannot be resumed as {cfg.model} / {cfg.optimizer}: use another --run-name"
         )
-    resources = _init_ray()
-    lo, hi = cfg.worker_range()
-    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
-    use_gpu = gpus > 0 if cfg.use_gpu == "auto" else cfg.use_gpu == "true"
-    if use_gpu and gpus < lo:
-        print(f"[rso_ray] waiting for {lo} GPU(s) (the cluster has {gpus:g} now): the autoscaler must add GPU nodes", flush=True)
-    # Without GPUs the workers share the CPUs, minus one left to the data pipeline's tokenizer actor (a
-    # worker group that takes every CPU would starve the data and hang).
-    cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else max(0.25, (cpus - cfg.data_cpus) / hi))
-    threads = max(1, int(cpus_per_worker if (use_gpu or cfg.cpus_per_worker) else cpus // hi))
+    place = place_workers(cfg, _init_ray())
     run_id = tracking.start_run(
         cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,  # type: ignore[arg-type]
         run_id=info.get("mlflow_run_id"), parent_run_id=parent_run_id,
@@ -173,58 +238,25 @@ def run(
                                            "data_fingerprint": prep.source.fingerprint(), "created": time.time()})
     runtime = {
         "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_run_id": run_id, "vocab_size": prep.vocab_size,
-        "data_fingerprint": prep.source.fingerprint(), "run_dir": folder, "threads": threads,
-        "llama_1b_comm_ratio": prep.comm_ratio_llama_1b,
+        "data_fingerprint": prep.source.fingerprint(), "run_dir": folder, "threads": place.threads,
+        "llama_1b_comm_ratio": prep.comm_ratio_llama_1b, "data_position": f"{folder}/{DATA_POSITION}",
     }
     print(
         f"[rso_ray] run {cfg.run_name}: {cfg.model} with {cfg.optimizer}, data {prep.source.name} "
-        f"({len(prep.source.train)} train files), {'GPU' if use_gpu else 'CPU'} workers {cfg.workers}; "
+        f"({len(prep.source.train)} train files), {'GPU' if place.use_gpu else 'CPU'} workers {cfg.workers}; "
         f"MLflow run {run_id} at {cfg.mlflow_tracking_uri}; checkpoints in {folder}",
         flush=True,
     )
-    from ray.data import ExecutionOptions, ExecutionResources
-
-    # A fixed stream order (the same blocks for the same seed), and backpressure: the tokenizer works at
-    # most --data-buffer-mb ahead of training rather than racing through every epoch.
-    train_options = ExecutionOptions(
-        preserve_order=True, resource_limits=ExecutionResources(object_store_memory=cfg.data_buffer_mb * 2**20)
-    )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "runtime": runtime},
-        scaling_config=ScalingConfig(
-            num_workers=(lo, hi) if hi > lo else lo,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {}) | cfg.extra_worker_resources(),
-            elastic_resize_monitor_interval_s=cfg.elastic_check_s,
-        ),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=cfg.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **QUIET_ENV}},
-            logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks,
-        ),
-        datasets={
-            "train": functools.partial(
-                _make_train_dataset, cfg, prep.source, prep.vocab_size, prep.epochs, f"{folder}/{DATA_POSITION}"
-            ),
-            "validation": ray.data.from_numpy(prep.validation).rename_columns({"data": "input_ids"}).materialize(),
-        },
-        dataset_config=DataConfig(
-            datasets_to_split=["train"],
-            execution_options={"train": train_options, "validation": ExecutionOptions(preserve_order=True)},
-        ),
-    )
+    trainer = build_trainer(cfg, prep, place, runtime, callbacks)
     status = "FAILED"
     try:
         result = trainer.fit()
-        status = "FINISHED"
+        metrics = dict(result.metrics or {})
+        status = "FAILED" if metrics.get("status") == "diverged" else "FINISHED"
     finally:
         tracking.MlflowTracker(cfg.mlflow_tracking_uri, run_id).finish(status)  # type: ignore[arg-type]
-    metrics = dict(result.metrics or {})
+    if metrics.get("status") == "diverged":
+        raise TrainingDiverged(str(metrics.get("message")))
     summary = {
         "run": cfg.run_name, "mlflow_run_id": run_id, "steps": metrics.get("step"), "tokens": metrics.get("tokens"),
         "eval_loss": metrics.get("eval_loss"), "train_wall_time_s": metrics.get("wall_time"),
@@ -268,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:
         cause = _root_cause(err)
         print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)

@@ -36,12 +36,8 @@ from ..models import build_model
 from .checkpoint import load_checkpoint, unwrap, write_checkpoint
 from .comm import CommCounter, counting_allreduce_hook, trainable_bytes
 from .engine import EvalResult, StepResult, evaluate, train_step
-from .storage import DATA_POSITION, write_json
+from .storage import write_json
 from .tracking import MlflowTracker, NullTracker, Tracker, flatten_params
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row."""
 
 
 @dataclass
@@ -241,7 +237,7 @@ class WorkerLoop:
         # The dataset of a restarted worker group skips what this file says was consumed. It is written
         # one checkpoint late, so it is never ahead of a checkpoint Ray could restore.
         if self.previous_position is not None:
-            write_json(f"{self.rt['run_dir']}/{DATA_POSITION}", self.previous_position)
+            write_json(self.rt["data_position"], self.previous_position)
         self.previous_position = {"step": st.step, "consumed": consumed.to_json()}
 
     def _first_failure(self, kind: str) -> bool:
@@ -316,10 +312,15 @@ class WorkerLoop:
                           flush=True)
                 self.tracker.log_metrics({"train/nonfinite_steps": st.nonfinite_total}, step=st.step + 1)
                 if streak >= cfg.max_nonfinite:
-                    raise TrainingDiverged(
-                        f"{streak} non-finite steps in a row at step {st.step + 1} (--max-nonfinite "
-                        f"{cfg.max_nonfinite}): the run diverged; lower --lr or set --max-grad-norm"
-                    )
+                    # Every rank sees the same (all-reduced) gradient norm, so all stop here together. A
+                    # normal return with a status, not an exception: a restart would only diverge again.
+                    message = (f"{streak} non-finite steps in a row at step {st.step + 1} (--max-nonfinite "
+                               f"{cfg.max_nonfinite}): the run diverged; lower --lr or set --max-grad-norm")
+                    if self.rank == 0:
+                        print(f"[rso_ray] {message}", flush=True)
+                    ray.train.report({"step": st.step, "status": "diverged", "message": message,
+                                      "mlflow_run_id": self.rt["mlflow_run_id"], "steps_total": cfg.steps})
+                    return
                 continue
             streak = 0
             st.step += 1
