@@ -121,6 +121,8 @@ class TrainConfig:
         "fault injection for tests: worker 1 (or 0 alone) raises once after this step", suppress=True))
     fail_in_checkpoint_at_step: int | None = field(default=None, metadata=_help(
         "fault injection for tests: rank 0 dies halfway through writing this step's checkpoint", suppress=True))
+    nan_loss_from_step: int | None = field(default=None, metadata=_help(
+        "fault injection for tests: every step from this one on has a NaN loss (a diverged run)", suppress=True))
 
     # ---------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:

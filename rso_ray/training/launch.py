@@ -18,7 +18,7 @@ from ..config import TrainConfig
 from ..console import format_table, human_duration
 from ..data.pipeline import ConsumedBlocks, build_train_dataset, validation_blocks
 from ..data.sources import DataSource, resolve_source
-from .storage import DATA_POSITION, RUN_INFO, read_json, run_dir, write_json
+from .storage import DATA_POSITION, OUTCOME, RUN_INFO, read_json, run_dir, write_json
 
 DEMO_MODELS = ("llama-micro", "llama-tiny")
 # Ray Data's progress bars and Ray Train's print patch (which logs every print a second time) would drown
@@ -240,7 +240,9 @@ def run(
         "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_run_id": run_id, "vocab_size": prep.vocab_size,
         "data_fingerprint": prep.source.fingerprint(), "run_dir": folder, "threads": place.threads,
         "llama_1b_comm_ratio": prep.comm_ratio_llama_1b, "data_position": f"{folder}/{DATA_POSITION}",
+        "outcome": f"{folder}/{OUTCOME}",
     }
+    write_json(runtime["outcome"], {"status": "running", "since": time.time()})  # forget an earlier attempt's
     print(
         f"[rso_ray] run {cfg.run_name}: {cfg.model} with {cfg.optimizer}, data {prep.source.name} "
         f"({len(prep.source.train)} train files), {'GPU' if place.use_gpu else 'CPU'} workers {cfg.workers}; "
@@ -252,11 +254,12 @@ def run(
     try:
         result = trainer.fit()
         metrics = dict(result.metrics or {})
-        status = "FAILED" if metrics.get("status") == "diverged" else "FINISHED"
+        outcome = read_json(runtime["outcome"]) or {}
+        status = "FAILED" if outcome.get("status") == "diverged" else "FINISHED"
     finally:
         tracking.MlflowTracker(cfg.mlflow_tracking_uri, run_id).finish(status)  # type: ignore[arg-type]
-    if metrics.get("status") == "diverged":
-        raise TrainingDiverged(str(metrics.get("message")))
+    if outcome.get("status") == "diverged":
+        raise TrainingDiverged(str(outcome.get("message")))
     summary = {
         "run": cfg.run_name, "mlflow_run_id": run_id, "steps": metrics.get("step"), "tokens": metrics.get("tokens"),
         "eval_loss": metrics.get("eval_loss"), "train_wall_time_s": metrics.get("wall_time"),

@@ -13,6 +13,8 @@ from typing import Any
 
 RUN_INFO = "rso_run_info.json"
 DATA_POSITION = "rso_data_position.json"
+OUTCOME = "rso_outcome.json"  # written by rank 0 when a run stops itself (divergence); Result.metrics
+# only carries reports that came with a checkpoint, so the driver reads this file instead.
 
 
 def run_dir(storage_path: str, run_name: str) -> str:

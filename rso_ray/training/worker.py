@@ -294,9 +294,11 @@ class WorkerLoop:
             ids = torch.from_numpy(rows.ids).to(self.device, dtype=torch.long)
             chunks = list(torch.split(ids, micro))
             counter = SavedTensorCounter(self.model) if (not memory and self.rank == 0) else None
+            poisoned = cfg.nan_loss_from_step is not None and st.step + 1 >= cfg.nan_loss_from_step
             result = train_step(
                 self.ddp, self.method, chunks, max_grad_norm=cfg.max_grad_norm, autocast_dtype=self.autocast,
-                loss_weights=weights, first_forward=counter.track() if counter else None,
+                loss_weights=[math.nan] * len(weights) if poisoned else weights,
+                first_forward=counter.track() if counter else None,
             )
             feed.commit(rows)
             comm_bytes = self.comm.take() if self.comm else 0
@@ -318,8 +320,7 @@ class WorkerLoop:
                                f"{cfg.max_nonfinite}): the run diverged; lower --lr or set --max-grad-norm")
                     if self.rank == 0:
                         print(f"[rso_ray] {message}", flush=True)
-                    ray.train.report({"step": st.step, "status": "diverged", "message": message,
-                                      "mlflow_run_id": self.rt["mlflow_run_id"], "steps_total": cfg.steps})
+                        write_json(self.rt["outcome"], {"status": "diverged", "message": message, "step": st.step})
                     return
                 continue
             streak = 0
