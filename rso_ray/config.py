@@ -276,13 +276,13 @@ class TrainConfig:
 
 
 # Recipes: facts.md section 4 for the paper's models; small models tuned to finish quickly on a CPU.
-# lr for rso: see benchmarks/results (the lr grid of the convergence benchmark).
+# llama-tiny's lrs are the best of the convergence benchmark's grid (benchmarks/results/compare_llama-tiny_cpu.md).
 _PAPER = dict(global_batch_size=512, resample_every=200, eval_every=1000, eval_tokens=10_000_000)
 RECIPES: dict[str, dict[str, Any]] = {
     "llama-micro": dict(steps=40, rank=16, global_batch_size=8, micro_batch_size=8, resample_every=10,
                         eval_every=20, eval_tokens=8192, lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2}),
     "llama-tiny": dict(steps=100, rank=64, global_batch_size=16, micro_batch_size=16, resample_every=50,
-                       eval_every=50, eval_tokens=65536, lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2}),
+                       eval_every=50, eval_tokens=65536, lr={"rso": 6e-3, "adamw": 6e-3, "galore": 1e-2}),
     "llama-60m": dict(_PAPER, steps=10_000, rank=128, micro_batch_size=128, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
     "llama-130m": dict(_PAPER, steps=20_000, rank=256, micro_batch_size=64, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
     "llama-350m": dict(_PAPER, steps=60_000, rank=256, micro_batch_size=32, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
