@@ -33,6 +33,7 @@ VARIANTS = {
     "adamw": dict(name="adamw"),
     "rso-haar": dict(name="rso", projection="haar"),
     "rso-coordinate": dict(name="rso", projection="coordinate"),
+    "rso-haar-keep-yp": dict(name="rso", projection="haar", recompute_inputs=False),
     "rso-gaussian": dict(name="rso", projection="gaussian"),
     "galore": dict(name="galore"),
 }

@@ -140,3 +140,38 @@ def test_group_rejects_mismatched_layer() -> None:
     group = SubspaceGroup(key=0, names=["a"], in_features=8, rank=2, kind="haar", seed=0)
     with pytest.raises(ValueError, match="group input dimension 8 does not match layer input 9"):
         RSOLinear(nn.Linear(9, 4), group)
+
+
+@pytest.mark.parametrize("kind", PROJECTIONS)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_down_proj_recomputes_its_input_from_the_swiglu(kind: str, recompute: bool) -> None:
+    """down_proj after a SwiGLU rebuilds SiLU(gate) * up in backward: same gradients as the explicit
+    f(X + P B), and no Y P among the saved tensors (with recompute_input=False, exactly one)."""
+    from rso_ray.core.ops import swiglu
+
+    m, n, r = 24, 10, 6
+    layer = _layer(m, n, r, kind)
+    layer.recompute_input = recompute
+    gate = torch.randn(3, 5, m, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 5, m, dtype=torch.float64, requires_grad=True)
+    gz = torch.randn(3, 5, n, dtype=torch.float64)
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        z = layer(swiglu(gate, up))
+    (z * gz).sum().backward()
+
+    g_ref = gate.detach().clone().requires_grad_(True)
+    u_ref = up.detach().clone().requires_grad_(True)
+    h = torch.nn.functional.silu(g_ref) * u_ref
+    z_ref, dh_ref, db_ref = _reference(layer, h, gz)
+    h.backward(dh_ref)
+    assert_close(z, z_ref)
+    assert_close(layer.rso_B.grad, db_ref)
+    assert_close(gate.grad, g_ref.grad)
+    assert_close(up.grad, u_ref.grad)
+    assert shapes.count((3, 5, r)) == (0 if recompute else 1)

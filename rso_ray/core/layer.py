@@ -14,12 +14,19 @@ A layer whose input is already kept alive by the op that produced it (the attent
 saves for its own backward) can save that tensor by reference and project it in backward instead:
 no extra bytes, and the same FLOPs, moved from forward to backward. Models declare this by setting
 ``rso_input_is_saved = True`` on the nn.Linear.
+
+A layer whose input is a cheap function of tensors the producing op saves anyway (down_proj reads
+SiLU(gate) * up, and the SwiGLU keeps gate and up) can do better still: with ``recompute_input`` it keeps
+references to those tensors and, in backward, recomputes Y and then Y P. That saves Y P (r values per
+token) for one elementwise op; Y P itself is computed once either way (in backward instead of forward).
+Ops declare such outputs with :func:`mark_recomputable`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -120,6 +127,23 @@ class SubspaceGroup:
         return out + list(self._casts.values())
 
 
+_RECIPE_ATTR = "_rso_recompute"
+
+
+def mark_recomputable(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """Declare ``out == fn(*inputs)`` bit for bit, where the op that made ``out`` keeps ``inputs`` for its own
+    backward: an RSO layer reading ``out`` may then keep (detached) references to ``inputs`` instead of
+    Y P. Returns ``out``. Only marks while gradients are recorded."""
+    if torch.is_grad_enabled():
+        setattr(out, _RECIPE_ATTR, (fn, tuple(t.detach() for t in inputs)))
+    return out
+
+
+def recompute_recipe(y: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]] | None:
+    recipe = getattr(y, _RECIPE_ATTR, None)
+    return recipe if isinstance(recipe, tuple) else None
+
+
 def project_input(group: SubspaceGroup, y: torch.Tensor) -> torch.Tensor:
     proj = group.on_device(y.device)
     if proj.kind == "coordinate":
@@ -143,6 +167,10 @@ def effective_weight(
 
 
 class _RSOLinearFn(torch.autograd.Function):
+    """``saved`` and ``mode`` say what backward gets to form Y P: ``"yp"``: (Y P,); ``"input"``: (Y,), kept
+    alive by another op; ``"recompute"``: the inputs of ``recompute`` (Y = recompute(*saved)); ``"none"``:
+    nothing (B is frozen, only dY is needed)."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -150,18 +178,19 @@ class _RSOLinearFn(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         b: torch.Tensor,
-        saved: torch.Tensor,
         group: SubspaceGroup,
-        saved_is_input: bool,
         dtype: torch.dtype,
+        mode: str,
+        recompute: Callable[..., torch.Tensor] | None,
+        *saved: torch.Tensor,
     ) -> torch.Tensor:
         with autocast_off(y.device.type):
             w_eff = effective_weight(weight, b, group, dtype)
             z = F.linear(y.to(dtype), w_eff, None if bias is None else bias.to(dtype))
-        # ``saved`` is Y P (s x r), or Y itself when another op already keeps Y alive.
-        ctx.save_for_backward(saved, weight, b)
+        ctx.save_for_backward(weight, b, *saved)
         ctx.group = group
-        ctx.saved_is_input = saved_is_input
+        ctx.mode = mode
+        ctx.recompute = recompute
         ctx.dtype = dtype
         ctx.y_dtype = y.dtype
         ctx.has_bias = bias is not None
@@ -169,8 +198,18 @@ class _RSOLinearFn(torch.autograd.Function):
         return z
 
     @staticmethod
+    def _yp(ctx: Any, saved: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        if ctx.mode == "yp":
+            return saved[0]
+        if ctx.mode == "input":
+            return project_input(ctx.group, saved[0].to(dtype))
+        with torch.no_grad():
+            y = ctx.recompute(*saved)  # the same op as in forward, on the same tensors: the same Y
+        return project_input(ctx.group, y.to(dtype))
+
+    @staticmethod
     def backward(ctx: Any, dz: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        saved, weight, b = ctx.saved_tensors
+        weight, b, *saved = ctx.saved_tensors
         group: SubspaceGroup = ctx.group
         dtype: torch.dtype = ctx.dtype
         need_dy, _, need_dbias, need_db = ctx.needs_input_grad[:4]
@@ -179,7 +218,7 @@ class _RSOLinearFn(torch.autograd.Function):
             dz = dz.to(dtype)
             dz2 = dz.reshape(-1, dz.shape[-1])  # (S, n)
             if need_db:
-                yp = project_input(group, saved.to(dtype)) if ctx.saved_is_input else saved
+                yp = _RSOLinearFn._yp(ctx, tuple(saved), dtype)
                 db = yp.reshape(-1, yp.shape[-1]).t() @ dz2  # (r, S) @ (S, n) -> (r, n)
                 proj = group.on_device(dz.device)
                 if proj.kind == "coordinate":
@@ -190,7 +229,7 @@ class _RSOLinearFn(torch.autograd.Function):
                 dy = (dz @ w_eff).to(ctx.y_dtype)  # (..., n) @ (n, m) -> (..., m)
             if need_dbias and ctx.has_bias:
                 dbias = dz2.sum(0).to(ctx.bias_dtype)
-        return dy, None, dbias, db, None, None, None, None
+        return (dy, None, dbias, db, None, None, None, None) + (None,) * len(saved)
 
 
 class RSOLinear(nn.Module):
@@ -201,7 +240,7 @@ class RSOLinear(nn.Module):
     W exactly (in W's dtype: keep W in float32 under bf16 autocast so repeated merges lose nothing).
     """
 
-    def __init__(self, base_layer: nn.Linear, group: SubspaceGroup):
+    def __init__(self, base_layer: nn.Linear, group: SubspaceGroup, *, recompute_input: bool = True):
         super().__init__()
         if group.in_features != base_layer.in_features:
             raise ValueError(
@@ -220,6 +259,8 @@ class RSOLinear(nn.Module):
         self.rso_B = nn.Parameter(torch.zeros(group.rank, base_layer.out_features, device=w.device, dtype=w.dtype))
         # The producing op keeps the input alive anyway (e.g. SDPA's output): keep a reference, not Y P.
         self.input_is_saved = bool(getattr(base_layer, "rso_input_is_saved", False))
+        # Inputs marked with mark_recomputable (SwiGLU's output) are rebuilt in backward instead of keeping Y P.
+        self.recompute_input = recompute_input
 
     @property
     def in_features(self) -> int:
@@ -242,14 +283,19 @@ class RSOLinear(nn.Module):
             with autocast_off(y.device.type):
                 w_eff = effective_weight(w, self.rso_B, self.group, dtype)
                 return F.linear(y.to(dtype), w_eff, None if bias is None else bias.to(dtype))
+        recipe = recompute_recipe(y) if self.recompute_input else None
+        recompute = None
+        saved: tuple[torch.Tensor, ...]
         if not self.rso_B.requires_grad:
-            saved, saved_is_input = y.new_empty(0), True  # frozen B: only dY is needed, keep nothing
+            mode, saved = "none", ()  # frozen B: only dY is needed, keep nothing
         elif self.input_is_saved:
-            saved, saved_is_input = y, True
+            mode, saved = "input", (y,)
+        elif recipe is not None:
+            mode, (recompute, saved) = "recompute", recipe
         else:
             with torch.no_grad():
-                saved, saved_is_input = self.group.project(y, dtype), False
-        return _RSOLinearFn.apply(y, w, bias, self.rso_B, saved, self.group, saved_is_input, dtype)
+                mode, saved = "yp", (self.group.project(y, dtype),)
+        return _RSOLinearFn.apply(y, w, bias, self.rso_B, self.group, dtype, mode, recompute, *saved)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -96,6 +96,8 @@ class MethodConfig:
     """RSO: inner steps per subspace (tau)."""
     shared_inputs: list[list[str]] = field(default_factory=lambda: [list(g) for g in LLAMA_SHARED_INPUTS])
     """RSO: sibling layers that read the same input and share P."""
+    recompute_inputs: bool = True
+    """RSO: down_proj recomputes its input (and Y P) in backward from the SwiGLU's saved tensors."""
     inner_optimizer: str = "adam"
     """RSO: optimizer of B (adam, adamw, sgd, any torch.optim class, or package.module.Class)."""
     inner_optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -141,6 +143,7 @@ class MethodConfig:
             resample_every=self.resample_every,
             target_modules=self.target_modules,
             shared_inputs=self.shared_inputs,
+            recompute_inputs=self.recompute_inputs,
             seed=self.seed,
         )
 

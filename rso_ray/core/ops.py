@@ -6,7 +6,7 @@ block input of q/k/v is stored anyway; SiLU(gate) * up keeps SiLU(gate) as well 
 the logits (tokens x vocab, float32) outweigh all blocks of a small model. Here:
 
 - :func:`rms_norm` saves its input and 1/rms (tokens x 1) and recomputes the normalized value;
-- :func:`swiglu` saves gate and up and recomputes SiLU;
+- :func:`swiglu` saves gate and up and recomputes SiLU (an RSO down_proj recomputes its input from them too);
 - :func:`chunked_cross_entropy` never materializes all logits: chunk by chunk it computes the loss and,
   when gradients are needed, the gradients of the hidden states and of the output weight at once, so
   only those (tokens x hidden, vocab x hidden) are kept for backward, never tokens x vocab.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .layer import autocast_off, compute_dtype
+from .layer import autocast_off, compute_dtype, mark_recomputable
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(gate, up)  # SiLU(gate) is recomputed in backward
-        return F.silu(gate) * up
+        return _swiglu_value(gate, up)
 
     @staticmethod
     def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +76,14 @@ class _SwiGLUFn(torch.autograd.Function):
         return dgate, dup
 
 
+def _swiglu_value(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up, saving only gate and up."""
-    return _SwiGLUFn.apply(gate, up)
+    """SiLU(gate) * up, saving only gate and up. The output is marked recomputable from them, so an RSO
+    layer reading it (down_proj) keeps no Y P of its own."""
+    return mark_recomputable(_SwiGLUFn.apply(gate, up), _swiglu_value, gate, up)
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:

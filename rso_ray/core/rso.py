@@ -48,6 +48,10 @@ class RSOConfig:
     """Sibling layers (same parent module) that read the same input and therefore share P."""
     seed: int = 0
     """P of group g in subspace k is drawn from (seed, k, g): identical on every worker."""
+    recompute_inputs: bool = True
+    """A layer whose input the producing op can rebuild from tensors it keeps anyway (down_proj after the
+    SwiGLU) forms Y and Y P in backward instead of keeping Y P: r fewer saved values per token for one
+    elementwise op (Y P is computed once either way). False keeps Y P."""
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -58,6 +62,8 @@ class RSOConfig:
             raise ValueError(f"eta must be > 0 (or inf for no proximal term), got {self.eta!r}")
         if isinstance(self.resample_every, bool) or not isinstance(self.resample_every, int) or self.resample_every < 1:
             raise ValueError(f"resample_every (tau) must be an integer >= 1, got {self.resample_every!r}")
+        if not isinstance(self.recompute_inputs, bool):
+            raise ValueError(f"recompute_inputs must be true or false, got {self.recompute_inputs!r}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module (or be a regex)")
         if isinstance(self.target_modules, str):
@@ -171,7 +177,7 @@ def apply_rso(model: nn.Module, config: RSOConfig, *, outer_step: int = 0) -> RS
                 f"input dimensions {group.in_features} and {lin.in_features}"
             )
         group.names.append(name)
-        layer = RSOLinear(lin, group)
+        layer = RSOLinear(lin, group, recompute_input=config.recompute_inputs)
         parent = modules[parent_name] if parent_name else model
         setattr(parent, short, layer)
         layers[name] = layer
