@@ -30,7 +30,9 @@ QUIET_ENV = {
 }
 
 
-C4_TRAIN_TOKENS = 156_000_000_000  # allenai/c4 'en' train split with the T5 tokenizer, about
+# allenai/c4 'en' train split: about 156B tokens (Dodge et al. 2021). Only sizes the stream, so an
+# estimate is enough: the stream ends after 1.25x the budget plus an epoch, or at --max-epochs.
+C4_TRAIN_TOKENS = 156_000_000_000
 
 
 class TrainingDiverged(RuntimeError):
