@@ -63,9 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
+                   help="fp32, or float32 weights with bf16 autocast (the GPU default of rso_ray.train)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     lrs = parse_lrs(args.lrs)
+    device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda[:i], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
+    amp = torch.bfloat16 if args.precision == "bf16-mixed" else None
 
     tok = load_tokenizer("embedded")
     vocab = len(tok)
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for name, grid in lrs.items():
         for lr in grid:
-            model = build_model(args.model, vocab_size=vocab, seed=args.seed)
+            model = build_model(args.model, vocab_size=vocab, seed=args.seed, device=device)
             cfg = MethodConfig(
                 name=name, lr=lr, rank=args.rank, projection=args.projection, resample_every=args.resample_every,
                 galore_update_proj_gap=args.resample_every, total_steps=args.steps, seed=args.seed,
@@ -85,24 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(runs)} runs in lockstep: {args.model}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens", flush=True)
     t_start = time.time()
     for step in range(1, args.steps + 1):
-        ids = torch.from_numpy(next(train)).long()
+        ids = torch.from_numpy(next(train)).long().to(device)
         for run in runs:
-            r = train_step(run["model"], run["opt"], [ids], max_grad_norm=args.max_grad_norm)
+            r = train_step(run["model"], run["opt"], [ids], max_grad_norm=args.max_grad_norm, autocast_dtype=amp)
             run["times"].append(r.seconds)
             run["losses"].append(r.loss)
             if step % args.eval_every == 0 or step == args.steps:
-                run["evals"].append((step, evaluate(run["model"], val, batch_size=args.batch_size).loss))
+                run["evals"].append((step, evaluate(run["model"], val, batch_size=args.batch_size, device=device, autocast_dtype=amp).loss))
         if step % args.eval_every == 0 or step == args.steps:
             line = "  ".join(f"{r['method']}@{r['lr']:g} {r['evals'][-1][1]:.3f}" for r in runs)
             print(f"step {step} ({time.time() - t_start:.0f}s) eval: {line}", flush=True)
 
     # Memory: one measured step per method, same batch, fresh models.
     memory = {}
-    ids = torch.from_numpy(next(train)).long()
+    ids = torch.from_numpy(next(train)).long().to(device)
     for name in lrs:
-        model = build_model(args.model, vocab_size=vocab, seed=args.seed)
+        model = build_model(args.model, vocab_size=vocab, seed=args.seed, device=device)
         method = build_method(model, MethodConfig(name=name, rank=args.rank, projection=args.projection, total_steps=10))
-        memory[name] = measure_step(model, method, ids).as_dict()
+        memory[name] = measure_step(model, method, ids, autocast_dtype=amp).as_dict()
 
     best = {}
     for name in lrs:
@@ -128,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = (
         f"{args.model} (vocab {vocab}), {args.steps} steps x {args.batch_size} x {args.seq_len} tokens "
         f"({args.steps * args.batch_size * args.seq_len:,} tokens), rank {args.rank}, tau {args.resample_every}, "
-        f"projection {args.projection}, grad clip {args.max_grad_norm}, warmup 10% + cosine to 10%, float32; "
+        f"projection {args.projection}, grad clip {args.max_grad_norm}, warmup 10% + cosine to 10%, {args.precision}; "
         f"eval on {len(val)} x {args.seq_len} validation tokens; torch {torch.__version__} on "
-        f"{torch.get_num_threads()} CPU threads ({platform.machine()}); wall time {time.time() - t_start:.0f}s"
+        + (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"{torch.get_num_threads()} CPU threads ({platform.machine()})")
+        + f"; wall time {time.time() - t_start:.0f}s"
     )
     print("\n" + settings + "\n" + format_table(headers, rows) + "\n\n" + format_table(["method", "lr", "eval loss"], grid_rows))
     if args.out:

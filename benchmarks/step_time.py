@@ -68,29 +68,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (after one warm-up step)")
     p.add_argument("--variants", nargs="+", default=["adamw", "rso-haar", "rso-coordinate"], choices=sorted(VARIANTS))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
+                   help="fp32, or float32 weights with bf16 autocast (the GPU default of rso_ray.train)")
     p.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda[:i], got {args.device!r}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+
+    def sync() -> None:  # CUDA runs asynchronously: wait for the kernels before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     vocab = model_config(args.model).vocab_size
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen) for _ in range(args.steps + 1)]
+    batches = [
+        torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen).to(device) for _ in range(args.steps + 1)
+    ]
     runs = {}
     for variant in args.variants:
-        model = build_model(args.model, num_layers=args.layers, seed=0)
+        model = build_model(args.model, num_layers=args.layers, seed=0, device=device)
         cfg = MethodConfig(rank=args.rank, total_steps=1000, resample_every=10**9, **VARIANTS[variant])
         runs[variant] = (model, build_method(model, cfg))
     times: dict[str, list[float]] = {v: [] for v in runs}
     opt_times: dict[str, list[float]] = {v: [] for v in runs}
     for i, ids in enumerate(batches):
         for variant, (model, method) in runs.items():
+            sync()
             t0 = time.perf_counter()
             method.zero_grad()
-            loss = model(ids, labels=ids).loss
+            with autocast:
+                loss = model(ids, labels=ids).loss
             loss.backward()
+            sync()
             t1 = time.perf_counter()
             method.step()
+            sync()
             dt, dt_opt = time.perf_counter() - t0, time.perf_counter() - t1
             if i > 0:
                 times[variant].append(dt)
@@ -99,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     resample = {}
     for variant, (_, method) in runs.items():
         if isinstance(method, RSOMethod):
+            sync()
             t0 = time.perf_counter()
             method.handle.resample(method.outer_step + 1)
+            sync()
             resample[variant] = time.perf_counter() - t0
     med = {v: statistics.median(t) for v, t in times.items()}
     med_opt = {v: statistics.median(t) for v, t in opt_times.items()}
@@ -119,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                "fwd+bwd / adamw", "optimizer (s)", "resample (s, every tau)"]
     settings = (
         f"{args.model}" + (f" ({args.layers} blocks)" if args.layers else "")
-        + f", rank {args.rank}, {args.batch_size} x {args.seq_len} tokens, float32, {args.steps} timed steps each, "
-        f"round robin; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        + f", rank {args.rank}, {args.batch_size} x {args.seq_len} tokens, {args.precision}, {args.steps} timed steps "
+        f"each, round robin; torch {torch.__version__}, "
+        + (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     )
     table = format_table(headers, rows)
     print("\n" + settings + "\n" + table)
