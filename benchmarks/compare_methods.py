@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_device_options, device_and_autocast  # benchmarks/common.py
 
 from rso_ray.console import format_table, human_bytes
 from rso_ray.core.memory import measure_step
@@ -63,18 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
-                   help="fp32, or float32 weights with bf16 autocast (the GPU default of rso_ray.train)")
+    add_device_options(p)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     lrs = parse_lrs(args.lrs)
-    device = torch.device(args.device)
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device must be cpu or cuda[:i], got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
-    amp = torch.bfloat16 if args.precision == "bf16-mixed" else None
+    device, amp = device_and_autocast(args)
 
     tok = load_tokenizer("embedded")
     vocab = len(tok)

@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_device_options, device_and_autocast  # benchmarks/common.py
 
 from rso_ray.console import format_table
 from rso_ray.core.methods import MethodConfig, RSOMethod, build_method
 from rso_ray.models import build_model, model_config
+from rso_ray.training.engine import autocast_context
 
 VARIANTS = {
     "adamw": dict(name="adamw"),
@@ -68,19 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (after one warm-up step)")
     p.add_argument("--variants", nargs="+", default=["adamw", "rso-haar", "rso-coordinate"], choices=sorted(VARIANTS))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"],
-                   help="fp32, or float32 weights with bf16 autocast (the GPU default of rso_ray.train)")
+    add_device_options(p)
     p.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device must be cpu or cuda[:i], got {args.device!r}")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    device, amp = device_and_autocast(args)
 
     def sync() -> None:  # CUDA runs asynchronously: wait for the kernels before reading the clock
         if device.type == "cuda":
@@ -103,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             sync()
             t0 = time.perf_counter()
             method.zero_grad()
-            with autocast:
+            with autocast_context(device, amp):
                 loss = model(ids, labels=ids).loss
             loss.backward()
             sync()

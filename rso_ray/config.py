@@ -116,7 +116,7 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = field(default=None, metadata=_help(
         "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db, no server needed)"))
     mlflow_experiment: str = field(default="rso_ray", metadata=_help("MLflow experiment (default rso_ray)"))
-    # -- testing -----------------------------------------------------------------------------------
+    # -- testing (hidden from --help; see TEST_OPTIONS) -----------------------------------------------
     fail_at_step: int | None = field(default=None, metadata=_help(
         "fault injection for tests: worker 1 (or 0 alone) raises once after this step", suppress=True))
     fail_in_checkpoint_at_step: int | None = field(default=None, metadata=_help(
@@ -188,6 +188,10 @@ class TrainConfig:
             raise ValueError(f"--run-name must be a plain name (no '/', not starting with '.'), got {self.run_name!r}")
 
     # -- derived values ----------------------------------------------------------------------------
+    def uses_gpu(self, cluster_gpus: float) -> bool:
+        """GPU workers or not, on a cluster with ``cluster_gpus`` GPUs (--use-gpu auto: when it has any)."""
+        return cluster_gpus > 0 if self.use_gpu == "auto" else self.use_gpu == "true"
+
     def worker_range(self) -> tuple[int, int]:
         """(min, max) workers; equal for a fixed-size run."""
         text = str(self.workers).strip()
@@ -315,6 +319,8 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 # -- parsing ---------------------------------------------------------------------------------------
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+# Fault-injection options (hidden from --help): never logged as parameters, searched, or written to a config.
+TEST_OPTIONS = tuple(name for name, f in _FIELDS.items() if f.metadata.get("suppress"))
 _HINTS = get_type_hints(TrainConfig)
 
 

@@ -59,6 +59,7 @@ def test_good_sweep(tmp_path: Path) -> None:
         (("rank: {grid: [8, 16]}", "rank: {grid: [8, -1]}"), r"search_space\.rank: value -1 is not valid: --rank must be a positive integer"),
         (("rank: {grid: [8, 16]}", "ranks: {grid: [8, 16]}"), r"line 7: search_space\.ranks: is not an option of python -m rso_ray\.train"),
         (("  steps: 24", "  steps: 24\n  workers: 2"), r"line 5: base\.workers: is not allowed in base \(set it under resources:\)"),
+        (("  steps: 24", "  steps: 24\n  nan_loss_from_step: 3"), r"line 5: base\.nan_loss_from_step: is not allowed in base \(the sweep sets it for every trial\)"),
         (("  steps: 24", "  steps: 24\n  rank: 8"), r"search_space\.rank: is also in base"),
         (("  model: llama-micro", "  model: llama-2b"), r"base: --model: unknown model 'llama-2b'"),
         (("resources: {workers: 1}", "resources: {workers: 1, gpus: 2}"), r"line 10: resources\.gpus: unknown key"),

@@ -39,6 +39,13 @@ class StepResult:
     seconds: float
 
 
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a --precision (auto: bf16-mixed on CUDA, fp32 elsewhere); None for fp32."""
+    if precision == "auto":
+        precision = "bf16-mixed" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16-mixed" else None
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
@@ -98,6 +105,11 @@ def train_step(
     return StepResult(mean_loss, grad_norm, True, merged, tokens, time.perf_counter() - t0)
 
 
+def perplexity(loss: float) -> float:
+    """exp(mean token loss), capped below float overflow for a diverged model."""
+    return math.exp(min(loss, 700.0))
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -107,7 +119,7 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 700.0))
+        return perplexity(self.loss)
 
 
 def batched(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

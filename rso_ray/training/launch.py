@@ -18,6 +18,7 @@ from ..config import TrainConfig
 from ..console import format_table, human_duration
 from ..data.pipeline import ConsumedBlocks, build_train_dataset, validation_blocks
 from ..data.sources import DataSource, resolve_source
+from .engine import perplexity
 from .storage import DATA_POSITION, OUTCOME, RUN_INFO, read_json, run_dir, write_json
 
 DEMO_MODELS = ("llama-micro", "llama-tiny")
@@ -150,7 +151,7 @@ def place_workers(cfg: TrainConfig, resources: dict[str, float]) -> Placement:
     """GPU or CPU workers, their logical CPUs and torch threads, from the cluster's resources."""
     lo, hi = cfg.worker_range()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
-    use_gpu = gpus > 0 if cfg.use_gpu == "auto" else cfg.use_gpu == "true"
+    use_gpu = cfg.uses_gpu(gpus)
     if use_gpu and gpus < lo:
         print(f"[rso_ray] waiting for {lo} GPU(s) (the cluster has {gpus:g} now): the autoscaler must add GPU nodes", flush=True)
     # Without GPUs the workers share the CPUs, minus what the data pipeline's tokenizer actor needs (a
@@ -259,7 +260,7 @@ def run(
         outcome = read_json(runtime["outcome"]) or {}
         status = "FAILED" if outcome.get("status") == "diverged" else "FINISHED"
     finally:
-        tracking.MlflowTracker(cfg.mlflow_tracking_uri, run_id).finish(status)  # type: ignore[arg-type]
+        tracking.finish_run(cfg.mlflow_tracking_uri, run_id, status)  # type: ignore[arg-type]
     if outcome.get("status") == "diverged":
         raise TrainingDiverged(str(outcome.get("message")))
     summary = {
@@ -278,7 +279,7 @@ def print_summary(cfg: TrainConfig, s: dict[str, Any]) -> None:
         ["steps", s.get("steps")],
         ["tokens", f"{s['tokens']:,}" if s.get("tokens") else "-"],
         ["eval loss", f"{loss:.4f}" if loss is not None else "-"],
-        ["eval perplexity", f"{math.exp(min(loss, 700)):.2f}" if loss is not None else "-"],
+        ["eval perplexity", f"{perplexity(loss):.2f}" if loss is not None else "-"],
         ["training time", human_duration(s["train_wall_time_s"]) if s.get("train_wall_time_s") else "-"],
         ["job time", human_duration(s["job_time_s"])],
         ["MLflow run", f"{s['mlflow_run_id']} ({cfg.mlflow_tracking_uri})"],

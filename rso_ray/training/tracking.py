@@ -82,6 +82,11 @@ def start_run(
     return str(run.info.run_id)
 
 
+def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run ended (FINISHED, FAILED or KILLED): the driver's last word on a job."""
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
 class MlflowTracker:
     """Logs to one existing MLflow run; metric steps at or below ``resume_floor`` are dropped."""
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import TEST_OPTIONS, TrainConfig
 from ..console import human_bytes, human_duration
 from ..core.memory import SavedTensorCounter, unique_bytes
 from ..core.methods import TrainingMethod, build_method
@@ -35,7 +35,7 @@ from ..data.pipeline import ConsumedBlocks
 from ..models import build_model
 from .checkpoint import load_checkpoint, unwrap, write_checkpoint
 from .comm import CommCounter, counting_allreduce_hook, trainable_bytes
-from .engine import EvalResult, StepResult, evaluate, train_step
+from .engine import EvalResult, StepResult, autocast_dtype_for, evaluate, perplexity, train_step
 from .storage import write_json
 from .tracking import MlflowTracker, NullTracker, Tracker, flatten_params
 
@@ -106,15 +106,12 @@ class LoopState:
     last_eval: float | None = None
 
 
-def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16-mixed" else None
+def _single_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _single_process():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -122,7 +119,7 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def _all_gather(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _single_process():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -144,7 +141,7 @@ class WorkerLoop:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.autocast = _autocast_dtype(cfg, self.device)
+        self.autocast = autocast_dtype_for(cfg.precision, self.device)
         self.state = LoopState()
         self.tracker: Tracker = NullTracker()
         self.comm: CommCounter | None = None
@@ -185,7 +182,7 @@ class WorkerLoop:
         if self.rank == 0:
             self.tracker = MlflowTracker(self.rt["mlflow_tracking_uri"], self.rt["mlflow_run_id"])
             self.tracker.log_params(
-                flatten_params({k: v for k, v in cfg.to_dict().items() if not k.startswith("fail_")})
+                flatten_params({k: v for k, v in cfg.to_dict().items() if k not in TEST_OPTIONS})
                 | {"vocab_size": self.rt["vocab_size"], "data_fingerprint": self.rt["data_fingerprint"],
                    "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
             )
@@ -385,7 +382,8 @@ class WorkerLoop:
                 ray.train.report(report)
         if self.rank == 0:
             self.tracker.log_metrics(
-                {"final/eval_loss": st.last_eval or math.nan, "final/eval_perplexity": math.exp(min(st.last_eval or math.inf, 700)),
+                {"final/eval_loss": st.last_eval if st.last_eval is not None else math.nan,
+                 "final/eval_perplexity": perplexity(st.last_eval) if st.last_eval is not None else math.nan,
                  "final/wall_time_s": st.wall_time, "final/tokens": float(st.tokens), "final/merges": float(st.merges)},
                 step=st.step,
             )

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..config import TrainConfig, config_from_dict
+from ..config import TEST_OPTIONS, TrainConfig, config_from_dict
 from ..console import format_table
 from .spec import SweepError, SweepSpec
 
@@ -55,7 +55,7 @@ def check_cluster_fits(spec: SweepSpec, base: TrainConfig, resources: dict[str, 
     """One trial must fit the cluster: its smallest worker group plus a tokenizer actor."""
     lo, _ = base.worker_range()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    use_gpu = gpus > 0 if base.use_gpu == "auto" else base.use_gpu == "true"
+    use_gpu = base.uses_gpu(gpus)
     if use_gpu and lo > gpus:
         raise SweepError(f"{spec.where('resources', 'workers')}: resources.workers: a trial needs {lo} GPU worker(s), "
                          f"the cluster has {gpus:g} GPU(s)")
@@ -212,7 +212,7 @@ def _write_best(spec: SweepSpec, best: TrialOutcome, path: Path) -> None:
     values = spec.trial_values(best.values)
     cfg = config_from_dict(values, source=spec.path).with_recipe()
     keep = {k: v for k, v in cfg.to_dict().items()
-            if k not in ("run_name", "storage_path", "mlflow_tracking_uri", "fail_at_step", "fail_in_checkpoint_at_step")
+            if k not in ("run_name", "storage_path", "mlflow_tracking_uri", *TEST_OPTIONS)
             and v is not None}
     keep = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in keep.items()}
     header = (f"# Best trial of sweep {spec.name} ({spec.metric} = {best.metric:.4f}, {spec.mode}) from {spec.path}\n"

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from ..config import TrainConfig, config_from_dict
+from ..config import TEST_OPTIONS, TrainConfig, config_from_dict
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("eval_loss", "tokens", "wall_time")
@@ -42,7 +42,7 @@ SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
 MLFLOW_KEYS = ("tracking_uri", "experiment")
 # Options a trial owns: set by the sweep itself, never searched or given in base.
 TRIAL_OWNED = ("run_name", "storage_path", "mlflow_tracking_uri", "mlflow_experiment", "workers", "use_gpu",
-               "cpus_per_worker", "data_cpus", "fail_at_step", "fail_in_checkpoint_at_step")
+               "cpus_per_worker", "data_cpus", *TEST_OPTIONS)
 
 
 class SweepError(ValueError):
