@@ -1,4 +1,7 @@
-"""Paths of the offline corpus and tokenizer shipped inside the package (see :mod:`rso_ray.data.corpus`)."""
+"""Paths of the offline corpus and tokenizer shipped inside the package.
+
+They are built by :mod:`rso_ray.data.real_corpus`; ``embedded/SOURCE.md`` names the sources and licences.
+"""
 
 from __future__ import annotations
 

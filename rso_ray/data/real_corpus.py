@@ -160,7 +160,7 @@ class _RReader:
                 return None  # NA_character_
             raw = self.data[self.pos : self.pos + n]
             self.pos += n
-            return raw.decode("latin-1" if flags & (1 << 13) else "utf-8")
+            return raw.decode("latin-1" if flags & (1 << 14) else "utf-8")  # LATIN1_MASK in the levels bits
         if kind == 2:  # pairlist: (tag, value) pairs
             attr = self.read() if has_attr else None
             del attr

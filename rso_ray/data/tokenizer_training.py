@@ -1,6 +1,6 @@
 """Train the byte-level BPE tokenizer shipped with the embedded corpus.
 
-Run through the corpus CLI (``python -m rso_ray.data.corpus --out DIR --train-tokenizer``) or directly::
+Run through the corpus build (``python -m rso_ray.data.real_corpus ... --train-tokenizer``) or directly::
 
     python -m rso_ray.data.tokenizer_training --out /tmp/tokenizer /tmp/corpus/c4-train.*.json.gz
 
