@@ -56,7 +56,9 @@ class TrainConfig:
         "peak learning rate (default: 1e-3 for adamw, 1e-2 for galore as in its scripts, see the recipe for rso)"))
     warmup_ratio: float = field(default=0.1, metadata=_help("fraction of steps of linear warmup (default 0.1)"))
     min_lr_ratio: float = field(default=0.1, metadata=_help("the cosine ends at this fraction of the peak (default 0.1)"))
-    weight_decay: float = field(default=0.0, metadata=_help("decoupled weight decay (default 0)"))
+    weight_decay: float = field(default=0.0, metadata=_help(
+        "decoupled weight decay of AdamW/GaLore and of RSO's non-target parameters; RSO's inner optimizer "
+        "of B gets the same value (default 0)"))
     max_grad_norm: float | None = field(default=None, metadata=_help(
         "clip the global gradient norm to this value (default: none; 1.0 for llama-7b as in GaLore)"))
     steps: int | None = field(default=None, metadata=_help(
