@@ -43,7 +43,8 @@ def test_corrupt_line_is_skipped_and_counted_or_named(tmp_path: Path) -> None:
     stats = ReadStats()
     texts = [r["text"] for r in iter_records([f], stats=stats)]
     assert texts == ["one", "two", "three"]
-    assert stats.skipped == 1 and stats.examples == [f"{f}:2"]
+    assert stats.skipped == 1 and len(stats.examples) == 1
+    assert stats.examples[0].startswith(f"{f}:2: not valid JSON")  # file, line and why
     with pytest.raises(CorruptRecordError, match=r"c4-train\.00000-of-00001\.json\.gz, line 2: not valid JSON"):
         list(iter_records([f], on_bad_line="error"))
 
@@ -167,3 +168,34 @@ def test_tokenizer_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # The real loading path on a local folder of the hub's format (our shipped tokenizer is one).
     t = load_tokenizer(str(embedded_shards("train")[0].parent / "tokenizer"))
     assert t("hello")["input_ids"][-1] == t.eos_token_id
+
+
+def test_a_non_utf8_byte_spoils_only_its_own_line(tmp_path: Path) -> None:
+    """One bad byte on line 2 of 1000: the other 999 records are kept and line 2 is named."""
+    path = tmp_path / "c4-train.00000-of-00001.json.gz"
+    lines = [json.dumps({"text": f"document {i}", "timestamp": "", "url": ""}).encode() for i in range(1000)]
+    lines[1] = b'{"text": "caf\xe9 latin-1", "timestamp": "", "url": ""}'
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"\n".join(lines) + b"\n")
+    stats = ReadStats()
+    texts = [r["text"] for r in iter_records([path], stats=stats)]
+    assert len(texts) == 999 and "document 1" not in texts and texts[-1] == "document 999"
+    assert stats.skipped == 1 and stats.examples[0].startswith(f"{path}:2: not UTF-8")
+    with pytest.raises(CorruptRecordError, match=r"line 2: not UTF-8"):
+        list(iter_records([path], on_bad_line="error"))
+
+
+def test_an_empty_text_is_a_skipped_line_not_a_document(tmp_path: Path) -> None:
+    f = _write_c4(tmp_path / "c4-train.00000-of-00001.json.gz", ["one", "  ", "three"])
+    stats = ReadStats()
+    assert [r["text"] for r in iter_records([f], stats=stats)] == ["one", "three"]
+    assert stats.skipped == 1 and stats.examples[0] == f"{f}:2: empty text"
+
+
+def test_corrupt_record_error_pickles_with_its_fields() -> None:
+    """Raised in a Ray Data actor, it must cross processes intact (it did not: UnserializableException)."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(CorruptRecordError("shard.json.gz", 7, "not valid JSON")))
+    assert isinstance(err, CorruptRecordError)
+    assert (err.path, err.line, err.reason, str(err)) == ("shard.json.gz", 7, "not valid JSON", "shard.json.gz, line 7: not valid JSON")
