@@ -392,8 +392,10 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     else:
         import yaml
 
+        from . import yaml_loader
+
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml_loader.load(text)
         except yaml.YAMLError as err:
             raise ValueError(f"{p}: not valid YAML: {err}") from None
         lines = _yaml_key_lines(text)

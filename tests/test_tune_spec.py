@@ -97,3 +97,11 @@ def test_cli_reports_errors_in_one_line(tmp_path: Path, capsys) -> None:
     assert not ray.is_initialized()
     assert tune_main([str(ROOT / "tune_spaces" / "smoke.yaml"), "--check"]) == 0
     assert "valid; 4 trial(s) over rank, lr" in capsys.readouterr().out
+
+
+def test_sweep_resources_min_max_workers_is_not_a_base60_number(tmp_path: Path) -> None:
+    f = tmp_path / "sweep.yaml"
+    f.write_text("name: s\nbase: {model: llama-micro}\nresources: {workers: 2:8}\n"
+                 "search_space: {lr: {grid: [0.001, 0.002]}}\n")
+    spec = load_sweep(f)
+    assert spec.base_config().worker_range() == (2, 8)

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from .. import yaml_loader
 from ..config import TEST_OPTIONS, TrainConfig, config_from_dict
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -133,7 +134,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise SweepError(f"sweep file {p} does not exist")
     text = p.read_text()
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_loader.load(text)
         lines = _key_lines(yaml.compose(text))
     except yaml.YAMLError as err:
         raise SweepError(f"{p}: not valid YAML: {err}") from None
