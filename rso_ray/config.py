@@ -118,11 +118,14 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = field(default=None, metadata=_help(
         "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db, no server needed)"))
     mlflow_experiment: str = field(default="rso_ray", metadata=_help("MLflow experiment (default rso_ray)"))
+    resource_wait_s: float = field(default=600.0, metadata=_help(
+        "on a cluster, how long to wait for the GPUs (or CPUs) the workers need, e.g. while an autoscaler "
+        "adds nodes, before giving up with an error; a local Ray instance without them fails at once"))
     # -- testing (hidden from --help; see TEST_OPTIONS) -----------------------------------------------
-    fail_at_step: int | None = field(default=None, metadata=_help(
-        "fault injection for tests: worker 1 (or 0 alone) raises once after this step", suppress=True))
-    fail_in_checkpoint_at_step: int | None = field(default=None, metadata=_help(
-        "fault injection for tests: rank 0 dies halfway through writing this step's checkpoint", suppress=True))
+    fault_plan: str | None = field(default=None, metadata=_help(
+        "fault injection for tests: 'STEP:RANK:POINT,...' kills worker RANK (SIGKILL) once per run at STEP, "
+        "POINT one of step (after the step), report (just after the report), checkpoint (while rank 0 "
+        "writes it: files written, marker not)", suppress=True))
     nan_loss_from_step: int | None = field(default=None, metadata=_help(
         "fault injection for tests: every step from this one on has a NaN loss (a diverged run)", suppress=True))
 
@@ -174,6 +177,9 @@ class TrainConfig:
             raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         if self.max_failures < -1:
             raise ValueError(f"--max-failures must be -1 (unlimited) or >= 0, got {self.max_failures}")
+        if not self.resource_wait_s >= 0:
+            raise ValueError(f"--resource-wait-s must be >= 0, got {self.resource_wait_s}")
+        parse_fault_plan(self.fault_plan)
         if self.elastic_check_s <= 0:
             raise ValueError(f"--elastic-check-s must be > 0, got {self.elastic_check_s}")
         self.worker_range()  # validates --workers
@@ -309,6 +315,22 @@ def _absolute_storage(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+FAULT_POINTS = ("step", "report", "checkpoint")
+
+
+def parse_fault_plan(plan: str | None) -> list[tuple[int, int, str]]:
+    """[(step, rank, point)] from 'STEP:RANK:POINT,...' (the hidden --fault-plan test option)."""
+    out = []
+    for item in (plan or "").split(","):
+        if not item.strip():
+            continue
+        parts = item.strip().split(":")
+        if len(parts) != 3 or parts[2] not in FAULT_POINTS or not (parts[0].isdigit() and parts[1].isdigit()):
+            raise ValueError(f"--fault-plan: expected STEP:RANK:POINT with POINT one of {', '.join(FAULT_POINTS)}, got {item!r}")
+        out.append((int(parts[0]), int(parts[1]), parts[2]))
+    return out
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -430,13 +452,19 @@ def build_parser(prog: str = "python -m rso_ray.train") -> argparse.ArgumentPars
         prog=prog,
         description="Pre-train a LLaMA model with RSO (or AdamW/GaLore) on Ray Train. Options override the "
         "--config file, which overrides the defaults (the model's recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # Each option's help says its default in words (most defaults come from the model's recipe), so
+        # no "(default: None)" is appended.
+        formatter_class=argparse.HelpFormatter,
     )
     parser.add_argument("--config", help="YAML or JSON file of options (keys as below, with _ or -)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for f in fields(TrainConfig):
         meta = f.metadata
-        help_text = argparse.SUPPRESS if meta.get("suppress") else meta.get("help", "")
+        help_text = meta.get("help", "")
+        if f.default is not None and "default" not in help_text:
+            help_text += f" (default: {f.default})"
+        if meta.get("suppress"):
+            help_text = argparse.SUPPRESS
         parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=None, help=help_text, metavar=f.name.upper())
     return parser
 
