@@ -33,6 +33,7 @@ from ..core.memory import SavedTensorCounter, unique_bytes
 from ..core.methods import TrainingMethod, build_method
 from ..data.pipeline import ConsumedBlocks
 from ..models import build_model
+from ..models.hf_io import load_pretrained
 from .checkpoint import load_checkpoint, unwrap, write_checkpoint
 from .comm import CommCounter, counting_allreduce_hook, trainable_bytes
 from .engine import EvalResult, StepResult, autocast_dtype_for, evaluate, perplexity, train_step
@@ -152,8 +153,11 @@ class WorkerLoop:
 
         cfg = self.cfg
         self.model = build_model(cfg.model, vocab_size=self.rt["vocab_size"], seed=cfg.seed, device=self.device)
-        self.method: TrainingMethod = build_method(self.model, cfg.method_config())
         ckpt = ray.train.get_checkpoint()
+        if ckpt is None and cfg.init_from:
+            # Into the plain model, before the method wraps its target layers (names as in transformers).
+            load_pretrained(self.model, cfg.init_from)
+        self.method: TrainingMethod = build_method(self.model, cfg.method_config())
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 saved = load_checkpoint(d, model=self.model, method=self.method, map_location=self.device)
@@ -269,6 +273,11 @@ class WorkerLoop:
         self.build()
         self.previous_position: dict[str, Any] | None = None
         val = self.load_validation()
+        if cfg.init_from and self.state.step == 0:  # the loss of the loaded weights, before any step
+            ev = self.evaluate(val)
+            self.tracker.log_metrics({"eval/loss": ev.loss, "eval/perplexity": ev.perplexity}, step=0)
+            if self.rank == 0:
+                print(f"[rso_ray] step 0 ({cfg.init_from}): eval loss {ev.loss:.4f}, perplexity {ev.perplexity:.2f}", flush=True)
         micro = split_share(cfg.global_batch_size, self.world, self.rank, cfg.micro_batch_size)  # type: ignore[arg-type]
         weights = [m * self.world / cfg.global_batch_size for m in micro]  # type: ignore[operator]
         feed = ShardFeed(ray.train.get_dataset_shard("train"), self.state.consumed, batch_rows=max(micro))
