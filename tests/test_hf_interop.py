@@ -149,6 +149,37 @@ def test_export_errors(tmp_path: Path, capsys) -> None:
     assert _hf(tmp_path / "o").dtype == torch.bfloat16
 
 
+def test_export_logged_to_the_runs_mlflow_run(tmp_path: Path, capsys) -> None:
+    """--mlflow: the exported model becomes a transformers-flavour model of the run's MLflow run, which
+    mlflow loads back with the same weights."""
+    import mlflow
+
+    from rso_ray.training import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "exp", "run")
+    cfg = config_from_dict(dict(model="llama-micro", optimizer="adamw", steps=2, mlflow_tracking_uri=uri)).with_recipe()
+    model = build_model("llama-micro", vocab_size=VOCAB, seed=0)
+    method = build_method(model, cfg.method_config())
+    write_checkpoint(tmp_path / "run" / "checkpoint_00000000", model=model, method=method,
+                     state={"step": 0, "config": cfg.to_dict(), "mlflow_run_id": run_id})
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--mlflow"]) == 0
+    model_uri = capsys.readouterr().out.strip().splitlines()[-1].split(" as ")[-1]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.get_run(run_id).info.experiment_id
+        logged = mlflow.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'",
+                                             output_format="list")
+        assert [m.model_uri for m in logged] == [model_uri]
+        loaded = mlflow.transformers.load_model(model_uri, return_type="components")["model"]
+    finally:
+        mlflow.set_tracking_uri(previous)
+    ids = _ids(2, 16)
+    with torch.no_grad():
+        assert_close(loaded(ids).logits, model(ids).logits, **FP32)
+
+
 # -- --init-from -------------------------------------------------------------------------------------
 
 def _pretrained_folder(tmp: Path, *, hidden: int = 64, tie: bool = False, seed: int = 0) -> Path:
