@@ -4,7 +4,7 @@ checkpoint mid-subspace, absent at a subspace boundary), written as config.json,
 (sharded with an index above --max-shard-size), generation_config.json and the run's tokenizer.
 
     python -m rso_ray.export rso_runs/<run name> --out my-llama
-    python -c "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; t = T.from_pretrained('my-llama'); print(t.decode(M.from_pretrained('my-llama').generate(**t('The river', return_tensors='pt'), max_new_tokens=8)[0]))"
+    python -c "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; t = T.from_pretrained('my-llama'); print(t.decode(M.from_pretrained('my-llama').generate(**t('The river', add_special_tokens=False, return_tensors='pt'), max_new_tokens=8)[0]))"
 
 The model is rebuilt from the config in the checkpoint's state.json, so an ``hf:<folder>`` run needs that
 folder's config.json still in place. Nothing is downloaded for the llama-* models.
