@@ -25,6 +25,7 @@ from .core.projection import PROJECTIONS
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 USE_GPU = ("auto", "true", "false")
+EXPORT_HF = ("none", "folder", "mlflow")
 
 
 def _help(text: str, **kw: Any) -> dict[str, Any]:
@@ -51,6 +52,10 @@ class TrainConfig:
         "RSO inner optimizer of B: adam (default), adamw, sgd (momentum 0.9), any torch.optim class name"))
     target_modules: list[str] | None = field(default=None, metadata=_help(
         "layers trained in subspaces (names or dotted suffixes); default: attention and MLP linears of LLaMA"))
+    init_from: str | None = field(default=None, metadata=_help(
+        "start from these transformers weights instead of a random initialization: a hub id, or a local folder "
+        "(every worker must read it) with config.json and safetensors; the architecture is that folder's "
+        "(--model hf:<folder>) unless --model names one, which must match it; --tokenizer defaults to its tokenizer"))
     # -- optimization ------------------------------------------------------------------------------
     lr: float | None = field(default=None, metadata=_help(
         "peak learning rate (default: 1e-3 for adamw, 1e-2 for galore as in its scripts, see the recipe for rso)"))
@@ -118,6 +123,10 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = field(default=None, metadata=_help(
         "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db, no server needed)"))
     mlflow_experiment: str = field(default="rso_ray", metadata=_help("MLflow experiment (default rso_ray)"))
+    export_hf: str = field(default="none", metadata=_help(
+        "after training, write the final model as a transformers folder <storage path>/<run name>/hf: 'folder' "
+        "(the bare flag), 'mlflow' (also log it to the MLflow run, transformers flavour), or none (default)",
+        const="folder"))
     resource_wait_s: float = field(default=600.0, metadata=_help(
         "on a cluster, how long to wait for the GPUs (or CPUs) the workers need, e.g. while an autoscaler "
         "adds nodes, before giving up with an error; a local Ray instance without them fails at once"))
@@ -146,6 +155,9 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("use_gpu", self.use_gpu, USE_GPU)
         _choice("on_bad_line", self.on_bad_line, ("skip", "error"))
+        _choice("export_hf", self.export_hf, EXPORT_HF)
+        if self.init_from is not None and (not self.init_from.strip() or "://" in self.init_from):
+            raise ValueError(f"--init-from must be a hub id or a local folder, got {self.init_from!r}")
         for name in ("rank", "resample_every", "steps", "tokens", "global_batch_size", "micro_batch_size",
                      "eval_every", "eval_tokens", "checkpoint_every"):
             value = getattr(self, name)
@@ -465,7 +477,8 @@ def build_parser(prog: str = "python -m rso_ray.train") -> argparse.ArgumentPars
             help_text += f" (default: {f.default})"
         if meta.get("suppress"):
             help_text = argparse.SUPPRESS
-        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=None, help=help_text, metavar=f.name.upper())
+        bare = {"nargs": "?", "const": meta["const"]} if "const" in meta else {}  # the flag alone means const
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=None, help=help_text, metavar=f.name.upper(), **bare)
     return parser
 
 
@@ -480,7 +493,15 @@ def parse_config(argv: list[str] | None = None, *, prog: str = "python -m rso_ra
         raw = getattr(args, name)
         if raw is not None:
             values[name] = _convert(name, _parse_cli_scalar(raw), source=f"--{_flag(name)}")
-    return TrainConfig(**values).with_recipe(), args
+    return TrainConfig(**_init_from_defaults(values)).with_recipe(), args
+
+
+def _init_from_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """--init-from X without --model or --tokenizer: X's architecture (hf:X) and X's tokenizer."""
+    if values.get("init_from"):
+        values.setdefault("model", "hf:" + values["init_from"])
+        values.setdefault("tokenizer", values["init_from"])
+    return values
 
 
 def _parse_cli_scalar(raw: str) -> Any:
@@ -500,5 +521,5 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config") -> Train
         if name not in _FIELDS:
             raise ValueError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
         out[name] = _convert(name, value, source=source)
-    return TrainConfig(**out)
+    return TrainConfig(**_init_from_defaults(out))
 

@@ -66,6 +66,8 @@ def resolve_vocab(cfg: TrainConfig, tokenizer_len: int) -> int:
     32100-token tokenizer the 100 sentinel ids, absent from plain text, become <unk>)."""
     from ..models import model_config
 
+    if cfg.init_from and not cfg.model.startswith("hf:"):
+        return int(_init_from_config(cfg).vocab_size)  # the embedding rows of the weights loaded
     if cfg.model in DEMO_MODELS:
         return tokenizer_len
     if cfg.model.startswith("hf:"):
@@ -82,9 +84,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
     from .comm import gradient_bytes_ratio
 
     check_writable(cfg.storage_path)
+    if cfg.init_from:
+        _init_from_config(cfg)  # first: the model and the tokenizer may come from that folder
     tok = load_tokenizer(cfg.tokenizer)
     vocab = resolve_vocab(cfg, len(tok))
     model = build_model(cfg.model, vocab_size=vocab, device="meta")
+    if cfg.init_from:
+        check_init_from(cfg, model)
     build_method(model, cfg.method_config())  # rank vs layer sizes, targets, inner optimizer
     source = resolve_source(cfg.data)
     assert cfg.eval_tokens is not None
@@ -94,6 +100,30 @@ def prepare(cfg: TrainConfig) -> Prepared:
     )
     ratio = gradient_bytes_ratio("llama-1b", 512)["ratio"]
     return Prepared(cfg, source, vocab, len(tok), val, ratio, epochs_needed(cfg, source, tok, vocab))
+
+
+def _init_from_config(cfg: TrainConfig) -> Any:
+    """The transformers config of --init-from, once its folder is known to hold weights too."""
+    from ..models.hf_io import pretrained_config, resolve_pretrained, weight_files
+
+    try:
+        folder = resolve_pretrained(cfg.init_from)  # type: ignore[arg-type]
+        config = pretrained_config(folder)
+        weight_files(folder)
+    except ValueError as err:
+        raise ValueError(f"--init-from {cfg.init_from}: {err}") from None
+    return config
+
+
+def check_init_from(cfg: TrainConfig, model: Any) -> None:
+    """--init-from names a folder (or a hub snapshot, fetched here) whose config and weights fit ``model``
+    (built on the meta device); nothing but the safetensors headers is read."""
+    from ..models.hf_io import check_pretrained, resolve_pretrained
+
+    try:
+        check_pretrained(model, resolve_pretrained(cfg.init_from))  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(f"--init-from {cfg.init_from} does not fit --model {cfg.model}: {err}") from None
 
 
 def epochs_needed(cfg: TrainConfig, source: DataSource, tok: Any, vocab: int) -> int:
@@ -300,6 +330,10 @@ def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, A
         "job_time_s": time.time() - t0, "checkpoint": outcome.get("checkpoint"),
         "consumed_blocks": outcome.get("consumed_blocks"),
     }
+    if cfg.export_hf != "none" and summary["checkpoint"]:
+        from ..export import export_run
+
+        summary["export"] = export_run(cfg, summary["checkpoint"], run_id)
     print_summary(cfg, summary)
     return summary
 

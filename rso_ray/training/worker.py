@@ -40,6 +40,7 @@ from ..core.memory import SavedTensorCounter, unique_bytes
 from ..core.methods import TrainingMethod, build_method
 from ..data.pipeline import ConsumedBlocks, TrainingDataError, build_train_dataset, find_corrupt_record
 from ..models import build_model
+from ..models.hf_io import load_pretrained
 from . import storage
 from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, prune, unwrap, write_checkpoint
 from .comm import CommCounter, counting_allreduce_hook, trainable_bytes
@@ -212,8 +213,14 @@ class WorkerLoop:
     def build(self) -> None:
         cfg = self.cfg
         self.model = build_model(cfg.model, vocab_size=self.rt["vocab_size"], seed=cfg.seed, device=self.device)
+        # Rank 0 picks the checkpoint, so that every rank loads the same one.
+        path = _broadcast_object(latest_checkpoint(self.rt["run_dir"]) if self.rank == 0 else None)
+        if path is None and cfg.init_from:
+            # Into the plain model, before the method wraps its target layers (names as in transformers).
+            load_pretrained(self.model, cfg.init_from)
         self.method: TrainingMethod = build_method(self.model, cfg.method_config())
-        self.restore()
+        if path is not None:
+            self.restore(path)
         self.ddp: nn.Module = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -235,11 +242,8 @@ class WorkerLoop:
             )
             self.feed = self.open_feed()
 
-    def restore(self) -> None:
-        """Load the newest complete checkpoint of the run (rank 0 picks it, so all ranks load the same)."""
-        path = _broadcast_object(latest_checkpoint(self.rt["run_dir"]) if self.rank == 0 else None)
-        if path is None:
-            return
+    def restore(self, path: str) -> None:
+        """Load the run's checkpoint at ``path`` (the newest complete one)."""
         saved = load_checkpoint(path, model=self.model, method=self.method, map_location=self.device)
         if saved.get("data_fingerprint") != self.rt["data_fingerprint"]:
             raise ValueError(
@@ -372,6 +376,10 @@ class WorkerLoop:
         cfg = self.cfg
         self.build()
         st = self.state
+        if cfg.init_from and st.step == 0:  # the loss of the loaded weights, before any step
+            ev = self.evaluate(self.validation)
+            self.tracker.log_metrics({"eval/loss": ev.loss, "eval/perplexity": ev.perplexity}, step=0)
+            self.say(f"step 0 ({cfg.init_from}): eval loss {ev.loss:.4f}, perplexity {ev.perplexity:.2f}")
         self.say(
             f"{'resuming at step ' + str(st.step) if st.step else 'starting'}: {cfg.model} / {cfg.optimizer}, "
             f"{self.world} worker(s) on {self.device.type}, global batch {cfg.global_batch_size} x {cfg.seq_len} "
