@@ -27,7 +27,15 @@ from torch import nn
 
 from .config import TrainConfig
 from .models.hf_io import DEFAULT_MAX_SHARD, parse_size, save_hf_folder
-from .training.checkpoint import MODEL_FILE, STATE_FILE, TRAIN_STATE_FILE, latest_checkpoint, read_state
+from .training.checkpoint import (
+    COMPLETE_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TRAIN_STATE_FILE,
+    is_complete,
+    latest_checkpoint,
+    read_state,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVENANCE = "rso_ray_export.json"  # which checkpoint the folder came from; transformers ignores it
@@ -37,13 +45,15 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     """``path`` itself when it is a checkpoint, else the newest complete checkpoint of the run folder."""
     p = Path(path)
     if (p / STATE_FILE).is_file():
+        if not is_complete(p):
+            raise FileNotFoundError(f"{p} is not a complete checkpoint: {COMPLETE_FILE} is missing or does not match its files")
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"{p} is neither a run folder nor a checkpoint folder: it does not exist")
     found = latest_checkpoint(p)
     if found is None:
-        raise FileNotFoundError(f"{p} holds no complete checkpoint (no checkpoint_*/{STATE_FILE})")
-    return found
+        raise FileNotFoundError(f"{p} holds no complete checkpoint (no checkpoint_*/{COMPLETE_FILE})")
+    return Path(found)
 
 
 def run_config(state: dict[str, Any]) -> TrainConfig:

@@ -54,8 +54,8 @@ def _trained_run(tmp: Path, optimizer: str, *, steps: int, resample_every: int =
         method.zero_grad()
         model(ids, labels=ids).loss.backward()
         method.step()
-    ckpt = write_checkpoint(tmp / "run" / f"checkpoint_{steps:08d}", model=model, method=method,
-                            state={"step": steps, "config": cfg.to_dict(), "mlflow_run_id": None})
+    ckpt = Path(write_checkpoint(tmp / "run" / f"checkpoint_{steps:08d}", model=model, method=method,
+                                 state={"step": steps, "config": cfg.to_dict(), "mlflow_run_id": None}))
     return model, method, ckpt
 
 

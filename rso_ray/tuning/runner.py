@@ -18,7 +18,7 @@ import yaml
 
 from ..config import TEST_OPTIONS, TrainConfig, config_from_dict
 from ..console import format_table
-from .spec import SweepError, SweepSpec
+from .spec import SweepError, SweepSpec, absolute_storage
 
 
 @dataclass
@@ -145,8 +145,7 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
 
 def _tune_storage(storage_path: str) -> str:
     """Tune's own experiment state goes next to the trials' checkpoints."""
-    root = storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
-    return root.rstrip("/") + "/tune"
+    return absolute_storage(storage_path).rstrip("/") + "/tune"
 
 
 def _outcomes(grid: Any, spec: SweepSpec) -> list[TrialOutcome]:

@@ -214,10 +214,17 @@ def load_sweep(path: str | Path) -> SweepSpec:
     spec = SweepSpec(
         path=str(p), name=str(raw.get("name") or p.stem), base=base, space=space, metric=metric, mode=mode,
         num_samples=num_samples, scheduler=scheduler, resources=resources,
-        storage_path=str(raw.get("storage_path") or "rso_runs"), mlflow=mlflow, output=raw.get("output"), lines=lines,
+        storage_path=absolute_storage(str(raw.get("storage_path") or "rso_runs")), mlflow=mlflow,
+        output=raw.get("output"), lines=lines,
     )
     _check_values(spec, fail)
     return spec
+
+
+def absolute_storage(path: str) -> str:
+    """A local storage path made absolute where the sweep is launched: Tune runs each trial in a working
+    folder of its own (inside Ray's temporary session folder), where a relative path would land."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def _dimension(key: str, kind: str, args: Any, fail: Any) -> Dimension:
