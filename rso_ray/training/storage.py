@@ -123,6 +123,7 @@ def upload_file(local: str | os.PathLike[str], uri: str) -> None:
     from pyarrow import fs as pafs
 
     fs, inner = _fs(uri)
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)  # object stores ignore it; file:// needs it
     pafs.copy_files(os.fspath(local), inner, destination_filesystem=fs)
 
 
