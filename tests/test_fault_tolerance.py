@@ -121,6 +121,15 @@ def test_fault_injection_soak(references, tmp_path: Path) -> None:
     _assert_same_run(cfg, references("2"))
 
 
+def _started_at(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
 def _cli(cfg: TrainConfig, cwd: Path) -> list[str]:
     args = [sys.executable, "-m", "rso_ray.train"]
     for key in ("model", "steps", "global_batch_size", "micro_batch_size", "rank", "resample_every", "log_every",
@@ -142,8 +151,17 @@ def test_driver_killed_then_relaunched_resumes_bitwise(references, tmp_path: Pat
         assert first.poll() is None, "the first launch ended before its checkpoint of step 8"
         assert time.time() < deadline, "no checkpoint of step 8 within 300 s"
         time.sleep(0.2)
+    import psutil
+
+    tree = [(p.pid, p.create_time(), p.name()) for p in psutil.Process(first.pid).children(recursive=True)]
+    assert any("raylet" in name for _, _, name in tree)  # the driver started its own Ray instance
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    # Ray's processes (GCS, raylet, dashboard and its agents, workers) go with the driver, within seconds.
+    deadline = time.time() + 30
+    while (left := [n for pid, t, n in tree if psutil.pid_exists(pid) and _started_at(pid) == t]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind by the killed driver: {left}"
     # The run lock of a dead driver is taken over: the relaunch resumes instead of being refused.
     second = subprocess.run(_cli(cfg, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -158,3 +158,39 @@ def test_fault_plan_is_validated() -> None:
     with pytest.raises(ValueError, match=r"--fault-plan: expected STEP:RANK:POINT"):
         config_from_dict({"fault_plan": "3:1:sometime"})
     assert TrainConfig(fault_plan="3:1:step,4:0:report").fault_plan == "3:1:step,4:0:report"
+
+
+def test_console_filter_drops_ray_noise_and_summarizes_a_dead_worker() -> None:
+    """Lines as Ray forwarded them in a 2-worker run with a killed worker (item 13 of issue 9)."""
+    from ray._private.ray_logging import WorkerStandardStreamDispatcher
+
+    from rso_ray.training.ray_console import install_log_filter
+
+    dispatcher = WorkerStandardStreamDispatcher()
+    printed: list[str] = []
+    said: list[str] = []
+    dispatcher.add_handler("ray_print_logs", lambda data: printed.extend(data["lines"]))
+    assert install_log_filter(said.append, max_failures=3, dispatcher=dispatcher)
+    worker = {"pid": 9066, "actor_name": "RayTrainWorker", "task_name": None, "is_err": True}
+    controller = {"pid": 8938, "actor_name": "TrainController", "task_name": None, "is_err": True}
+    dispatcher.emit(dict(worker, lines=[
+        "[rso_ray] step 4/16  loss 8.6714  lr 2.71e-03  3,702 tok/s  elapsed 9s  ETA 7s",
+        "[2026-11-23 08:43:57,801 E 9066 9252] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("
+        "TokenizePackUnits))' and ID: 'e04f' has constructor arguments in the object store and max_restarts > 0. If",
+        "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+        "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'step': 4}) from rank 0",
+        "WARNING something real happened",
+    ]))
+    dispatcher.emit(dict(controller, lines=[
+        "Graceful shutdown of backend failed. This is expected if one of the workers has crashed.",
+        "Traceback (most recent call last):",
+        '  File "/ray/train/v2/_internal/execution/worker_group/worker_group.py", line 511, in shutdown',
+        "    ray.get(ref)",
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+        "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR",
+    ]))
+    dispatcher.emit(dict(controller, lines=["a later real line"]))
+    assert printed == ["[rso_ray] step 4/16  loss 8.6714  lr 2.71e-03  3,702 tok/s  elapsed 9s  ETA 7s",
+                       "WARNING something real happened", "a later real line"]
+    assert len(said) == 1 and "restarts the worker group from the newest complete checkpoint" in said[0]
+    assert "--max-failures 3" in said[0]

@@ -146,13 +146,14 @@ def epochs_needed(cfg: TrainConfig, source: DataSource, tok: Any, vocab: int) ->
     return int(min(cfg.max_epochs, math.ceil(1.25 * needed / per_epoch) + 1))
 
 
-def _init_ray() -> tuple[dict[str, float], bool]:
+def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
     """Connect to the cluster (RAY_ADDRESS, set by `ray job submit`) or start a local instance; returns
     the cluster's resources and whether this process started it (then no autoscaler can add nodes)."""
     import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
+    initialized_here = not ray.is_initialized()
+    if initialized_here:
         ray.init(
             log_to_driver=True,
             configure_logging=True,
@@ -160,8 +161,16 @@ def _init_ray() -> tuple[dict[str, float], bool]:
             runtime_env={"env_vars": QUIET_ENV},
         )
     DataContext.get_current().enable_progress_bars = False
+    from .ray_console import install_log_filter
+
+    install_log_filter(lambda text: print(f"[rso_ray] {text}", flush=True), max_failures=max_failures)
     node = getattr(ray._private.worker, "_global_node", None)
-    return ray.cluster_resources(), bool(getattr(node, "head", False))
+    started_here = bool(getattr(node, "head", False))
+    if initialized_here and started_here:
+        from .reaper import start_watcher
+
+        start_watcher()  # a kill -9 of this driver must not leave Ray's node processes running
+    return ray.cluster_resources(), started_here
 
 
 def wait_for_workers(cfg: TrainConfig, resources: dict[str, float], started_here: bool) -> dict[str, float]:
@@ -281,7 +290,7 @@ def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, A
 
     from . import tracking
 
-    resources, started_here = _init_ray()
+    resources, started_here = _init_ray(cfg.max_failures)
     place = place_workers(cfg, wait_for_workers(cfg, resources, started_here))
     run_id = tracking.start_run(
         cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,  # type: ignore[arg-type]

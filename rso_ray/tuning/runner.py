@@ -79,6 +79,9 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
     experiment = spec.mlflow.get("experiment") or "rso_ray_sweeps"
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", runtime_env={"env_vars": QUIET_ENV})
+    from ..training.ray_console import install_log_filter
+
+    install_log_filter(lambda text: print(f"[rso_ray.tune] {text}", flush=True))
     check_cluster_fits(spec, base, ray.cluster_resources())
 
     parent = tracking.start_run(tracking_uri, experiment, spec.name, tags={"rso_ray.sweep": spec.name})
