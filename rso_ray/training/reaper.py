@@ -32,7 +32,8 @@ def watch(driver_pid: int) -> int:
     while driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE:
         try:
             for child in driver.children(recursive=True):
-                seen[child.pid] = child.create_time()
+                if child.pid != os.getpid():  # this watcher is the driver's child too
+                    seen[child.pid] = child.create_time()
         except psutil.NoSuchProcess:
             break
         time.sleep(POLL_S)

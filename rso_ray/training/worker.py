@@ -201,6 +201,7 @@ class WorkerLoop:
         self.tracker: Tracker = NullTracker()
         self.comm: CommCounter | None = None
         self.feed: DataFeed | None = None
+        self.notes_shown: list[str] = []
         self.faults = parse_fault_plan(cfg.fault_plan)
         self.micro = split_share(cfg.global_batch_size, self.world, self.rank, cfg.micro_batch_size)  # type: ignore[arg-type]
         self.offset = share_offset(cfg.global_batch_size, self.world, self.rank)  # type: ignore[arg-type]
@@ -212,6 +213,7 @@ class WorkerLoop:
     # -- setup --------------------------------------------------------------------------------------
     def build(self) -> None:
         cfg = self.cfg
+        self.attempt = self._count_attempt()
         self.model = build_model(cfg.model, vocab_size=self.rt["vocab_size"], seed=cfg.seed, device=self.device)
         # Rank 0 picks the checkpoint, so that every rank loads the same one.
         path = _broadcast_object(latest_checkpoint(self.rt["run_dir"]) if self.rank == 0 else None)
@@ -255,19 +257,18 @@ class WorkerLoop:
             merges=int(saved.get("merges", 0)), nonfinite_total=int(saved.get("nonfinite_total", 0)),
             last_eval=saved.get("last_eval"), consumed=ConsumedBlocks.from_json(saved["data"]["consumed"]),
         )
-        attempt = self._count_attempt()
-        why = f"restart {attempt - 1} after a worker failure" if attempt > 1 else "relaunch of the run"
+        why = f"restart {self.attempt - 1} after a worker failure" if self.attempt > 1 else "relaunch of the run"
         self.say(f"resuming at step {self.state.step} from {path.rsplit('/', 1)[-1]} ({why}; "
                  f"{self.state.consumed.blocks:,} training blocks already consumed)")
 
     def _count_attempt(self) -> int:
-        """Worker-group starts of this launch (1 = the first): read and bumped by rank 0."""
+        """Worker-group starts of this launch (1 = the first): read and bumped by rank 0, told to all."""
         if self.rank != 0:
-            return 0
+            return int(_broadcast_object(0))
         uri = storage.join(self.rt["run_dir"], f".rso_attempts_{self.rt['launch_id']}.json")
         n = int((storage.read_json(uri) or {}).get("attempts", 0)) + 1
         storage.write_json(uri, {"attempts": n})
-        return n
+        return int(_broadcast_object(n))
 
     def open_feed(self) -> DataFeed:
         cfg = self.cfg
@@ -295,8 +296,12 @@ class WorkerLoop:
                 rows = self.feed.take(g)  # type: ignore[arg-type]
             except TrainingDataError as err:
                 message = str(err)
-            for note in self.feed.notes[:NOTES_SHOWN]:
-                self.say(note)
+            if self.feed.notes and len(self.notes_shown) < NOTES_SHOWN:
+                new = self.feed.notes[: NOTES_SHOWN - len(self.notes_shown)]
+                for note in new:
+                    self.say(note)
+                self.notes_shown += new
+                self.tracker.set_tags({"rso_ray.data_notes": "\n".join(self.notes_shown)})  # seen in the MLflow UI
             self.feed.notes = []
         if not _single_process():
             flag = torch.tensor([1 if message else 0], device=self.device)
@@ -421,6 +426,7 @@ class WorkerLoop:
         if rows is not None:
             assert self.feed is not None
             self.feed.commit(rows)  # trained on (or skipped as non-finite): consumed either way
+        self.comm_bytes = self.comm.take() if self.comm else 0  # this step's all-reduced bytes
         if counter is not None:
             self.memory = self.measure_memory(counter)
         st.tokens += cfg.global_batch_size * cfg.seq_len  # type: ignore[operator]
@@ -458,7 +464,7 @@ class WorkerLoop:
             "train/global_batch": float(cfg.global_batch_size),  # type: ignore[arg-type]
             "train/workers": float(self.world),
             "train/merges": float(st.merges),
-            "comm/bytes_per_step": float(self.comm.take() if self.comm else 0),
+            "comm/bytes_per_step": float(self.comm_bytes),
             "comm/trainable_bytes": float(trainable_bytes(self.model)),
             "comm/bytes_per_step_vs_adamw_llama_1b": float(self.rt["llama_1b_comm_ratio"]),
         }
