@@ -96,19 +96,17 @@ def test_unit_reader_matches_block_stream_and_skips_exactly(tok) -> None:
     np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in out2]), ref[expected])
 
 
-def test_consumed_blocks_merge_and_done() -> None:
-    a, b = ConsumedBlocks(), ConsumedBlocks()
-    for i in range(0, 5):
-        a.add("e0/f1", i, last=False)
-    for i in range(5, 8):
-        b.add("e0/f1", i, last=i == 7)
-    b.add("e0/f2", 3, last=False)
-    merged = a.merged([b])
-    assert "e0/f1" in merged.done and "e0/f1" not in merged.ranges
-    assert merged.ranges == {"e0/f2": [[3, 4]]}
-    assert merged.contains("e0/f1", 6) and merged.contains("e0/f2", 3) and not merged.contains("e0/f2", 2)
-    again = ConsumedBlocks.from_json(json.loads(json.dumps(merged.to_json())))
-    assert again.to_json() == merged.to_json()
+def test_consumed_blocks_done_count_and_round_trip() -> None:
+    c = ConsumedBlocks()
+    for i in [0, 1, 2, 3, 4, 6, 5, 7]:  # out of order, as a reader that skips consumed blocks may see them
+        c.add("e0/f1", i, last=i == 7)
+    c.add("e0/f2", 3, last=False)
+    c.add_empty("e0/f3")
+    assert "e0/f1" in c.done and "e0/f1" not in c.ranges and "e0/f3" in c.done
+    assert c.ranges == {"e0/f2": [[3, 4]]} and c.blocks == 9  # every block trained, done units included
+    assert c.contains("e0/f1", 6) and c.contains("e0/f2", 3) and not c.contains("e0/f2", 2)
+    again = ConsumedBlocks.from_json(json.loads(json.dumps(c.to_json())))
+    assert again.to_json() == c.to_json()
     assert merge_ranges([[5, 7], [0, 2], [2, 3], [6, 9]]) == [[0, 3], [5, 9]]
 
 

@@ -194,3 +194,24 @@ def test_console_filter_drops_ray_noise_and_summarizes_a_dead_worker() -> None:
                        "WARNING something real happened", "a later real line"]
     assert len(said) == 1 and "restarts the worker group from the newest complete checkpoint" in said[0]
     assert "--max-failures 3" in said[0]
+
+
+def test_final_metrics_of_the_finished_attempt_replace_a_failed_attempts(tmp_path: Path) -> None:
+    """Restarted runs skip steps MLflow already holds (no step logged twice); the final values are forced,
+    so a failed attempt's numbers never stay as the run's result."""
+    from mlflow.tracking import MlflowClient
+
+    from rso_ray.training import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "exp", "run")
+    first = tracking.MlflowTracker(uri, run_id)
+    first.log_metrics({"train/loss": 6.0}, step=16)
+    first.log_metrics({"final/eval_loss": 6.1844}, step=16)
+    time.sleep(0.01)  # MLflow keeps the newest value of a step by timestamp (milliseconds)
+    second = tracking.MlflowTracker(uri, run_id)  # a restart: the resume floor is step 16
+    second.log_metrics({"train/loss": 5.0}, step=16)
+    second.log_metrics({"final/eval_loss": 6.1937}, step=16, force=True)
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [6.0]
+    assert client.get_run(run_id).data.metrics["final/eval_loss"] == 6.1937

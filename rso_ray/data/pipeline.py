@@ -2,11 +2,13 @@
 
 Open-source Ray Data has no resumable iterator, so the position lives in our checkpoints instead. The
 unit of work is one file in one epoch (a *unit*, e.g. ``e0/f17``); ``map_batches`` reads a unit's json.gz,
-tokenizes and packs it, and emits blocks tagged (unit, block index). Each worker records the ranges of
-blocks it actually trained on; at a checkpoint these are gathered into a :class:`ConsumedBlocks` and saved.
-When the worker group (re)starts, the dataset is rebuilt without the units that are done, and the
-in-progress units skip the blocks already consumed -- only those few files are read again. The worker
-filters by the same record, so even a checkpoint newer than the one the dataset was built from is exact.
+tokenizes and packs it, and emits blocks tagged (unit, block index). One reader (rank 0 of the training
+workers) consumes the stream in order and records the ranges of blocks trained on in a
+:class:`ConsumedBlocks`, saved with every checkpoint. When the worker group (re)starts, the dataset is
+rebuilt from the checkpoint's record without the units that are done, and the in-progress units skip the
+blocks already consumed -- only those few files are read again. A file that yields no block sends one
+marker row (block -1) so that the reader counts it and marks it done. Stream order is fixed
+(``preserve_order``), so the remaining stream is exactly the uninterrupted run's continuation.
 
 Epochs are part of the stream (units of epoch 0, then of epoch 1, ...; files reshuffled per epoch with
 the run's seed), so workers never have to agree on an epoch boundary while in the middle of a step.
@@ -89,20 +91,6 @@ class ConsumedBlocks:
     def count(self) -> int:
         """Blocks in the in-progress units (done units are not counted here)."""
         return sum(b - a for r in self.ranges.values() for a, b in r)
-
-    def merged(self, others: Sequence[ConsumedBlocks]) -> ConsumedBlocks:
-        out = ConsumedBlocks(done=set(self.done), blocks=sum(c.blocks for c in (self, *others)))
-        for c in (self, *others):
-            out.done |= c.done
-            for unit, total in c.totals.items():
-                out.totals[unit] = total
-        for c in (self, *others):
-            for unit, r in c.ranges.items():
-                if unit not in out.done:
-                    out.ranges[unit] = merge_ranges(out.ranges.get(unit, []) + r)
-        for unit in list(out.ranges):
-            out._maybe_done(unit)
-        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"ranges": self.ranges, "totals": self.totals, "done": sorted(self.done), "blocks": self.blocks}
