@@ -25,6 +25,7 @@ from .core.projection import PROJECTIONS
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 USE_GPU = ("auto", "true", "false")
+EXPORT_HF = ("none", "folder", "mlflow")
 
 
 def _help(text: str, **kw: Any) -> dict[str, Any]:
@@ -51,12 +52,18 @@ class TrainConfig:
         "RSO inner optimizer of B: adam (default), adamw, sgd (momentum 0.9), any torch.optim class name"))
     target_modules: list[str] | None = field(default=None, metadata=_help(
         "layers trained in subspaces (names or dotted suffixes); default: attention and MLP linears of LLaMA"))
+    init_from: str | None = field(default=None, metadata=_help(
+        "start from these transformers weights instead of a random initialization: a hub id, or a local folder "
+        "(every worker must read it) with config.json and safetensors; the architecture is that folder's "
+        "(--model hf:<folder>) unless --model names one, which must match it; --tokenizer defaults to its tokenizer"))
     # -- optimization ------------------------------------------------------------------------------
     lr: float | None = field(default=None, metadata=_help(
         "peak learning rate (default: 1e-3 for adamw, 1e-2 for galore as in its scripts, see the recipe for rso)"))
     warmup_ratio: float = field(default=0.1, metadata=_help("fraction of steps of linear warmup (default 0.1)"))
     min_lr_ratio: float = field(default=0.1, metadata=_help("the cosine ends at this fraction of the peak (default 0.1)"))
-    weight_decay: float = field(default=0.0, metadata=_help("decoupled weight decay (default 0)"))
+    weight_decay: float = field(default=0.0, metadata=_help(
+        "decoupled weight decay of AdamW/GaLore and of RSO's non-target parameters; RSO's inner optimizer "
+        "of B gets the same value (default 0)"))
     max_grad_norm: float | None = field(default=None, metadata=_help(
         "clip the global gradient norm to this value (default: none; 1.0 for llama-7b as in GaLore)"))
     steps: int | None = field(default=None, metadata=_help(
@@ -116,11 +123,18 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = field(default=None, metadata=_help(
         "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db, no server needed)"))
     mlflow_experiment: str = field(default="rso_ray", metadata=_help("MLflow experiment (default rso_ray)"))
+    export_hf: str = field(default="none", metadata=_help(
+        "after training, write the final model as a transformers folder <storage path>/<run name>/hf: 'folder' "
+        "(the bare flag), 'mlflow' (also log it to the MLflow run, transformers flavour), or none (default)",
+        const="folder"))
+    resource_wait_s: float = field(default=600.0, metadata=_help(
+        "on a cluster, how long to wait for the GPUs (or CPUs) the workers need, e.g. while an autoscaler "
+        "adds nodes, before giving up with an error; a local Ray instance without them fails at once"))
     # -- testing (hidden from --help; see TEST_OPTIONS) -----------------------------------------------
-    fail_at_step: int | None = field(default=None, metadata=_help(
-        "fault injection for tests: worker 1 (or 0 alone) raises once after this step", suppress=True))
-    fail_in_checkpoint_at_step: int | None = field(default=None, metadata=_help(
-        "fault injection for tests: rank 0 dies halfway through writing this step's checkpoint", suppress=True))
+    fault_plan: str | None = field(default=None, metadata=_help(
+        "fault injection for tests: 'STEP:RANK:POINT,...' kills worker RANK (SIGKILL) once per run at STEP, "
+        "POINT one of step (after the step), report (just after the report), checkpoint (while rank 0 "
+        "writes it: files written, marker not)", suppress=True))
     nan_loss_from_step: int | None = field(default=None, metadata=_help(
         "fault injection for tests: every step from this one on has a NaN loss (a diverged run)", suppress=True))
 
@@ -141,6 +155,9 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("use_gpu", self.use_gpu, USE_GPU)
         _choice("on_bad_line", self.on_bad_line, ("skip", "error"))
+        _choice("export_hf", self.export_hf, EXPORT_HF)
+        if self.init_from is not None and (not self.init_from.strip() or "://" in self.init_from):
+            raise ValueError(f"--init-from must be a hub id or a local folder, got {self.init_from!r}")
         for name in ("rank", "resample_every", "steps", "tokens", "global_batch_size", "micro_batch_size",
                      "eval_every", "eval_tokens", "checkpoint_every"):
             value = getattr(self, name)
@@ -172,6 +189,9 @@ class TrainConfig:
             raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         if self.max_failures < -1:
             raise ValueError(f"--max-failures must be -1 (unlimited) or >= 0, got {self.max_failures}")
+        if not self.resource_wait_s >= 0:
+            raise ValueError(f"--resource-wait-s must be >= 0, got {self.resource_wait_s}")
+        parse_fault_plan(self.fault_plan)
         if self.elastic_check_s <= 0:
             raise ValueError(f"--elastic-check-s must be > 0, got {self.elastic_check_s}")
         self.worker_range()  # validates --workers
@@ -307,6 +327,22 @@ def _absolute_storage(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+FAULT_POINTS = ("step", "report", "checkpoint")
+
+
+def parse_fault_plan(plan: str | None) -> list[tuple[int, int, str]]:
+    """[(step, rank, point)] from 'STEP:RANK:POINT,...' (the hidden --fault-plan test option)."""
+    out = []
+    for item in (plan or "").split(","):
+        if not item.strip():
+            continue
+        parts = item.strip().split(":")
+        if len(parts) != 3 or parts[2] not in FAULT_POINTS or not (parts[0].isdigit() and parts[1].isdigit()):
+            raise ValueError(f"--fault-plan: expected STEP:RANK:POINT with POINT one of {', '.join(FAULT_POINTS)}, got {item!r}")
+        out.append((int(parts[0]), int(parts[1]), parts[2]))
+    return out
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -390,8 +426,10 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     else:
         import yaml
 
+        from . import yaml_loader
+
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml_loader.load(text)
         except yaml.YAMLError as err:
             raise ValueError(f"{p}: not valid YAML: {err}") from None
         lines = _yaml_key_lines(text)
@@ -426,14 +464,21 @@ def build_parser(prog: str = "python -m rso_ray.train") -> argparse.ArgumentPars
         prog=prog,
         description="Pre-train a LLaMA model with RSO (or AdamW/GaLore) on Ray Train. Options override the "
         "--config file, which overrides the defaults (the model's recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # Each option's help says its default in words (most defaults come from the model's recipe), so
+        # no "(default: None)" is appended.
+        formatter_class=argparse.HelpFormatter,
     )
     parser.add_argument("--config", help="YAML or JSON file of options (keys as below, with _ or -)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for f in fields(TrainConfig):
         meta = f.metadata
-        help_text = argparse.SUPPRESS if meta.get("suppress") else meta.get("help", "")
-        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=None, help=help_text, metavar=f.name.upper())
+        help_text = meta.get("help", "")
+        if f.default is not None and "default" not in help_text:
+            help_text += f" (default: {f.default})"
+        if meta.get("suppress"):
+            help_text = argparse.SUPPRESS
+        bare = {"nargs": "?", "const": meta["const"]} if "const" in meta else {}  # the flag alone means const
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=None, help=help_text, metavar=f.name.upper(), **bare)
     return parser
 
 
@@ -448,7 +493,15 @@ def parse_config(argv: list[str] | None = None, *, prog: str = "python -m rso_ra
         raw = getattr(args, name)
         if raw is not None:
             values[name] = _convert(name, _parse_cli_scalar(raw), source=f"--{_flag(name)}")
-    return TrainConfig(**values).with_recipe(), args
+    return TrainConfig(**_init_from_defaults(values)).with_recipe(), args
+
+
+def _init_from_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """--init-from X without --model or --tokenizer: X's architecture (hf:X) and X's tokenizer."""
+    if values.get("init_from"):
+        values.setdefault("model", "hf:" + values["init_from"])
+        values.setdefault("tokenizer", values["init_from"])
+    return values
 
 
 def _parse_cli_scalar(raw: str) -> Any:
@@ -468,5 +521,5 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config") -> Train
         if name not in _FIELDS:
             raise ValueError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
         out[name] = _convert(name, value, source=source)
-    return TrainConfig(**out)
+    return TrainConfig(**_init_from_defaults(out))
 

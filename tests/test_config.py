@@ -102,3 +102,12 @@ def test_config_round_trips_through_a_dict() -> None:
     cfg, _ = parse_config(["--model", "llama-micro", "--rank", "8"])
     again = TrainConfig(**cfg.to_dict())
     assert again == cfg
+
+
+def test_yaml_min_max_workers_is_not_a_base60_number(tmp_path: Path) -> None:
+    """YAML 1.1 reads 2:8 as 128; a config file must mean 2 to 8 workers."""
+    f = tmp_path / "run.yaml"
+    f.write_text("workers: 2:8\nlr: 1e-3\nsteps: 1e3\n")
+    values = load_config_file(f)
+    assert values["workers"] == "2:8" and values["lr"] == 1e-3 and values["steps"] == 1000
+    assert TrainConfig(**values).worker_range() == (2, 8)

@@ -43,7 +43,8 @@ def test_corrupt_line_is_skipped_and_counted_or_named(tmp_path: Path) -> None:
     stats = ReadStats()
     texts = [r["text"] for r in iter_records([f], stats=stats)]
     assert texts == ["one", "two", "three"]
-    assert stats.skipped == 1 and stats.examples == [f"{f}:2"]
+    assert stats.skipped == 1 and len(stats.examples) == 1
+    assert stats.examples[0].startswith(f"{f}:2: not valid JSON")  # file, line and why
     with pytest.raises(CorruptRecordError, match=r"c4-train\.00000-of-00001\.json\.gz, line 2: not valid JSON"):
         list(iter_records([f], on_bad_line="error"))
 
@@ -95,19 +96,17 @@ def test_unit_reader_matches_block_stream_and_skips_exactly(tok) -> None:
     np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in out2]), ref[expected])
 
 
-def test_consumed_blocks_merge_and_done() -> None:
-    a, b = ConsumedBlocks(), ConsumedBlocks()
-    for i in range(0, 5):
-        a.add("e0/f1", i, last=False)
-    for i in range(5, 8):
-        b.add("e0/f1", i, last=i == 7)
-    b.add("e0/f2", 3, last=False)
-    merged = a.merged([b])
-    assert "e0/f1" in merged.done and "e0/f1" not in merged.ranges
-    assert merged.ranges == {"e0/f2": [[3, 4]]}
-    assert merged.contains("e0/f1", 6) and merged.contains("e0/f2", 3) and not merged.contains("e0/f2", 2)
-    again = ConsumedBlocks.from_json(json.loads(json.dumps(merged.to_json())))
-    assert again.to_json() == merged.to_json()
+def test_consumed_blocks_done_count_and_round_trip() -> None:
+    c = ConsumedBlocks()
+    for i in [0, 1, 2, 3, 4, 6, 5, 7]:  # out of order, as a reader that skips consumed blocks may see them
+        c.add("e0/f1", i, last=i == 7)
+    c.add("e0/f2", 3, last=False)
+    c.add_empty("e0/f3")
+    assert "e0/f1" in c.done and "e0/f1" not in c.ranges and "e0/f3" in c.done
+    assert c.ranges == {"e0/f2": [[3, 4]]} and c.blocks == 9  # every block trained, done units included
+    assert c.contains("e0/f1", 6) and c.contains("e0/f2", 3) and not c.contains("e0/f2", 2)
+    again = ConsumedBlocks.from_json(json.loads(json.dumps(c.to_json())))
+    assert again.to_json() == c.to_json()
     assert merge_ranges([[5, 7], [0, 2], [2, 3], [6, 9]]) == [[0, 3], [5, 9]]
 
 
@@ -167,3 +166,34 @@ def test_tokenizer_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # The real loading path on a local folder of the hub's format (our shipped tokenizer is one).
     t = load_tokenizer(str(embedded_shards("train")[0].parent / "tokenizer"))
     assert t("hello")["input_ids"][-1] == t.eos_token_id
+
+
+def test_a_non_utf8_byte_spoils_only_its_own_line(tmp_path: Path) -> None:
+    """One bad byte on line 2 of 1000: the other 999 records are kept and line 2 is named."""
+    path = tmp_path / "c4-train.00000-of-00001.json.gz"
+    lines = [json.dumps({"text": f"document {i}", "timestamp": "", "url": ""}).encode() for i in range(1000)]
+    lines[1] = b'{"text": "caf\xe9 latin-1", "timestamp": "", "url": ""}'
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"\n".join(lines) + b"\n")
+    stats = ReadStats()
+    texts = [r["text"] for r in iter_records([path], stats=stats)]
+    assert len(texts) == 999 and "document 1" not in texts and texts[-1] == "document 999"
+    assert stats.skipped == 1 and stats.examples[0].startswith(f"{path}:2: not UTF-8")
+    with pytest.raises(CorruptRecordError, match=r"line 2: not UTF-8"):
+        list(iter_records([path], on_bad_line="error"))
+
+
+def test_an_empty_text_is_a_skipped_line_not_a_document(tmp_path: Path) -> None:
+    f = _write_c4(tmp_path / "c4-train.00000-of-00001.json.gz", ["one", "  ", "three"])
+    stats = ReadStats()
+    assert [r["text"] for r in iter_records([f], stats=stats)] == ["one", "three"]
+    assert stats.skipped == 1 and stats.examples[0] == f"{f}:2: empty text"
+
+
+def test_corrupt_record_error_pickles_with_its_fields() -> None:
+    """Raised in a Ray Data actor, it must cross processes intact (it did not: UnserializableException)."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(CorruptRecordError("shard.json.gz", 7, "not valid JSON")))
+    assert isinstance(err, CorruptRecordError)
+    assert (err.path, err.line, err.reason, str(err)) == ("shard.json.gz", 7, "not valid JSON", "shard.json.gz, line 7: not valid JSON")

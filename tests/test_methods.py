@@ -313,3 +313,12 @@ def test_wrapping_twice_is_an_error() -> None:
     apply_rso(model, RSOConfig(rank=4))
     with pytest.raises(ValueError, match="already an RSO layer"):
         apply_rso(model, RSOConfig(rank=4, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("inner", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("decay", [0.0, 0.05])
+def test_inner_optimizer_gets_the_configured_weight_decay(inner: str, decay: float) -> None:
+    """torch's AdamW defaults to weight_decay=0.01: B must get --weight-decay, 0 included."""
+    cfg = _cfg(rank=4, inner_optimizer=inner, weight_decay=decay, target_modules=["fc1", "fc2"], shared_inputs=[])
+    method = build_method(TwoLayer(), cfg)
+    assert [g["weight_decay"] for g in method.inner.param_groups] == [decay]

@@ -175,3 +175,37 @@ def test_down_proj_recomputes_its_input_from_the_swiglu(kind: str, recompute: bo
     assert_close(gate.grad, g_ref.grad)
     assert_close(up.grad, u_ref.grad)
     assert shapes.count((3, 5, r)) == (0 if recompute else 1)
+
+
+@pytest.mark.parametrize("kind", ["haar", "coordinate"])
+def test_bf16_forward_sees_small_subspace_updates(kind: str) -> None:
+    """Under bf16 autocast W_eff = W + B^T P^T must be summed in float32 and rounded once: rounding W to
+    bf16 first and adding P B in bf16 loses any update under half a bf16 ulp of W (|W| ~ 0.02 has ulp
+    ~1.2e-4), so a young subspace (|P B| ~ 5e-6) would be invisible to the forward pass."""
+    from rso_ray.core.layer import effective_weight
+
+    torch.manual_seed(0)
+    m = n = 512
+    lin = nn.Linear(m, n, bias=False)
+    nn.init.normal_(lin.weight, std=0.02)
+    group = SubspaceGroup(key=1, names=["x"], in_features=m, rank=64, kind=kind, seed=0)
+    group.resample(outer_step=0, device="cpu")
+    layer = RSOLinear(lin, group)
+    with torch.no_grad():
+        layer.rso_B.normal_()
+        layer.rso_B.mul_(5e-6 / (group.projection.dense() @ layer.rso_B).std())  # entries of P B: rms 5e-6
+    w = layer.base_layer.weight.detach()
+    delta = (group.projection.dense() @ layer.rso_B.detach()).t()  # (n, m): B^T P^T in float32
+    w_eff = effective_weight(w, layer.rso_B.detach(), group, torch.bfloat16)
+    # Bitwise: the correctly rounded bf16 of the float32 sum.
+    assert torch.equal(w_eff, (w + delta).to(torch.bfloat16))
+    # The fraction of P B the forward sees, projected on P B: close to 1 in expectation (each element is
+    # rounded to nearest from a uniformly placed W); today's double rounding saw about 4%.
+    seen = (w_eff.double() - w.to(torch.bfloat16).double()).flatten()
+    frac = (seen @ delta.double().flatten()) / (delta.double().flatten() @ delta.double().flatten())
+    assert 0.9 < frac.item() < 1.1
+    # And the layer's forward under autocast uses that weight.
+    y = torch.randn(4, m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = layer(y)
+    assert torch.equal(z, torch.nn.functional.linear(y.to(torch.bfloat16), w_eff))

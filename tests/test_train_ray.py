@@ -12,13 +12,20 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from rso_ray.config import TrainConfig, config_from_dict
 from rso_ray.core.methods import build_method
 from rso_ray.data.embedded_assets import embedded_shards
 from rso_ray.data.records import iter_records
 from rso_ray.models import build_model
-from rso_ray.training.checkpoint import MODEL_FILE, STATE_FILE, TRAIN_STATE_FILE
+from rso_ray.training.checkpoint import (
+    COMPLETE_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TRAIN_STATE_FILE,
+    latest_checkpoint,
+)
 from rso_ray.training.comm import trainable_bytes
 
 pytestmark = pytest.mark.slow
@@ -50,6 +57,13 @@ def _history(cfg: TrainConfig, run_id: str, key: str) -> list[tuple[int, float]]
 
     hist = MlflowClient(cfg.mlflow_tracking_uri).get_metric_history(run_id, key)
     return sorted((m.step, m.value) for m in hist)
+
+
+def _weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The final checkpoint's weights."""
+    path = latest_checkpoint(str(Path(cfg.storage_path) / cfg.run_name))
+    assert path is not None
+    return torch.load(Path(path) / MODEL_FILE, weights_only=True)
 
 
 def _train(cfg: TrainConfig) -> dict:
@@ -127,8 +141,8 @@ def test_gradient_bytes_equal_trainable_bytes_adamw(ray_local, tmp_path: Path) -
 
 
 def test_worker_failure_recovers_without_double_counting(ray_local, baseline, tmp_path: Path) -> None:
-    _, ref = baseline
-    cfg = _config(tmp_path, fail_at_step=10)  # after the checkpoint of step 8: steps 9 and 10 are redone
+    cfg0, ref = baseline
+    cfg = _config(tmp_path, fault_plan="10:1:step")  # after the checkpoint of step 8: steps 9 and 10 are redone
     summary = _train(cfg)
     assert summary["steps"] == ref["steps"] == cfg.steps
     loss = _history(cfg, summary["mlflow_run_id"], "train/loss")
@@ -136,25 +150,28 @@ def test_worker_failure_recovers_without_double_counting(ray_local, baseline, tm
     # No step logged twice: the restart from the checkpoint of step 8 logs its first step (9) and goes on;
     # step 10, trained before the failure but not logged, is logged once by the second attempt.
     assert steps == sorted(set(steps)) == [1, 2, 4, 6, 8, 9, 10, 12, 14, 16]
-    assert (Path(cfg.storage_path) / cfg.run_name / ".fault_injected_step").exists()  # the fault did happen
+    assert (Path(cfg.storage_path) / cfg.run_name / ".fault_0_10_1_step").exists()  # the fault did happen
     assert _history(cfg, summary["mlflow_run_id"], "train/merges")[-1][1] == cfg.steps // cfg.resample_every
-    # Exact resume (same weights, same data position): the final loss is the uninterrupted run's.
-    assert summary["eval_loss"] == pytest.approx(ref["eval_loss"], abs=0.02)
+    # Exact resume (same weights, same data position): the uninterrupted run's result, to the bit.
+    assert summary["eval_loss"] == ref["eval_loss"]
+    assert summary["consumed_blocks"] == ref["consumed_blocks"] == cfg.steps * cfg.global_batch_size
+    assert _weights(cfg) .keys() == _weights(cfg0).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(cfg).values(), _weights(cfg0).values(), strict=True))
 
 
 def test_crash_while_writing_checkpoint_keeps_previous(ray_local, baseline, tmp_path: Path) -> None:
     _, ref = baseline
-    cfg = _config(tmp_path, fail_in_checkpoint_at_step=8)
+    cfg = _config(tmp_path, fault_plan="8:0:checkpoint")
     summary = _train(cfg)
     assert summary["steps"] == cfg.steps
     run = Path(cfg.storage_path) / cfg.run_name
-    assert (run / ".fault_injected_checkpoint").exists()
+    assert (run / ".fault_0_8_0_checkpoint").exists()
     for c in (p for p in run.glob("checkpoint_*") if p.is_dir()):
-        assert (c / STATE_FILE).is_file() and (c / MODEL_FILE).is_file(), c
+        assert (c / COMPLETE_FILE).is_file() and (c / MODEL_FILE).is_file(), c
     assert not list(run.glob(".checkpoint_*"))  # no half-written folder left behind
     steps = [s for s, _ in _history(cfg, summary["mlflow_run_id"], "train/loss")]
     assert steps == sorted(set(steps))
-    assert summary["eval_loss"] == pytest.approx(ref["eval_loss"], abs=0.02)
+    assert summary["eval_loss"] == ref["eval_loss"]
 
 
 def test_relaunch_with_same_name_resumes(ray_local, tmp_path: Path) -> None:
@@ -168,24 +185,65 @@ def test_relaunch_with_same_name_resumes(ray_local, tmp_path: Path) -> None:
     assert s2["tokens"] == 12 * 8 * 256  # steps 1-8 were not trained again
 
 
-def test_local_c4_shards_with_a_corrupt_line(ray_local, tmp_path: Path) -> None:
-    """The C4 path on local files of C4's format (json.gz shards named like allenai/c4's)."""
+def _c4_folder(tmp_path: Path, train: list[tuple[str, list[str]]]) -> Path:
+    """C4-format shards: each train file from its lines, and a good validation file."""
     data = tmp_path / "c4"
     data.mkdir()
-    records = list(iter_records(embedded_shards("train")[:1]))[:400]
-    for name, chunk, bad in (("c4-train.00000-of-00002.json.gz", records[:200], 5),
-                             ("c4-train.00001-of-00002.json.gz", records[200:350], None),
-                             ("c4-validation.00000-of-00001.json.gz", records[350:], None)):
-        lines = [json.dumps(r) for r in chunk]
-        if bad is not None:
-            lines.insert(bad, '{"text": "cut off in the mid')
+    records = list(iter_records(embedded_shards("train")[:1]))
+    for name, lines in train:
         with gzip.open(data / name, "wt", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
-    cfg = _config(tmp_path, data=str(data), workers="1", steps=6, eval_every=6, eval_tokens=4096)
+    with gzip.open(data / "c4-validation.00000-of-00001.json.gz", "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(json.dumps(r) for r in records[350:400]) + "\n")
+    return data
+
+
+def _good_lines(start: int, stop: int) -> list[str]:
+    return [json.dumps(r) for r in list(iter_records(embedded_shards("train")[:1]))[start:stop]]
+
+
+def test_local_c4_shards_with_a_corrupt_line(ray_local, tmp_path: Path) -> None:
+    """The C4 path on local files of C4's format (json.gz shards named like allenai/c4's); a bad line is
+    skipped, counted and shown with file, line and why; a file without a single block is counted too."""
+    first = _good_lines(0, 200)
+    first.insert(5, '{"text": "cut off in the mid')
+    data = _c4_folder(tmp_path, [("c4-train.00000-of-00003.json.gz", first),
+                                 ("c4-train.00001-of-00003.json.gz", _good_lines(200, 350)),
+                                 ("c4-train.00002-of-00003.json.gz", ['{"text": ""}', "not json"])])
+    cfg = _config(tmp_path, data=str(data), workers="1", steps=6, eval_every=6, eval_tokens=4096, max_epochs=2)
     summary = _train(cfg)
     assert summary["steps"] == 6
     skipped = _history(cfg, summary["mlflow_run_id"], "data/skipped_lines")
     assert skipped and skipped[-1][1] >= 1.0  # the corrupt line was skipped and counted
+    assert _history(cfg, summary["mlflow_run_id"], "data/empty_files")[-1][1] >= 1.0
+    from mlflow.tracking import MlflowClient
+
+    notes = MlflowClient(cfg.mlflow_tracking_uri).get_run(summary["mlflow_run_id"]).data.tags["rso_ray.data_notes"]
+    assert f"skipped a bad line: {data / 'c4-train.00000-of-00003.json.gz'}:6: not valid JSON" in notes
+    assert "yields no block (2 bad line(s))" in notes
+
+
+def test_a_bad_line_under_on_bad_line_error_stops_at_once(ray_local, tmp_path: Path) -> None:
+    """A deterministic data error: no restart (--max-failures 3), the file and line in the error."""
+    from rso_ray.training.launch import TrainingDataFailed
+
+    lines = _good_lines(0, 200)
+    lines.insert(5, '{"text": "cut off in the mid')
+    data = _c4_folder(tmp_path, [("c4-train.00000-of-00001.json.gz", lines)])
+    cfg = _config(tmp_path, data=str(data), workers="2", steps=6, on_bad_line="error", max_failures=3)
+    with pytest.raises(TrainingDataFailed, match=r"c4-train\.00000-of-00001\.json\.gz, line 6: not valid JSON \(--on-bad-line error\)"):
+        _train(cfg)
+    attempts = list((Path(cfg.storage_path) / cfg.run_name).glob(".rso_attempts_*.json"))
+    assert len(attempts) == 1 and json.loads(attempts[0].read_text()) == {"attempts": 1}  # never restarted
+
+
+def test_unreadable_training_files_stop_at_once(ray_local, tmp_path: Path) -> None:
+    from rso_ray.training.launch import TrainingDataFailed
+
+    data = _c4_folder(tmp_path, [("c4-train.00000-of-00001.json.gz", ["garbage"] * 50)])
+    cfg = _config(tmp_path, data=str(data), workers="1", steps=6, max_failures=3)
+    with pytest.raises(TrainingDataFailed, match=r"the training files yield no data \(50 bad line\(s\) skipped, 1 file"):
+        _train(cfg)
 
 
 def test_repeated_nonfinite_losses_stop_the_run(ray_local, tmp_path: Path) -> None:

@@ -97,3 +97,23 @@ def test_cli_reports_errors_in_one_line(tmp_path: Path, capsys) -> None:
     assert not ray.is_initialized()
     assert tune_main([str(ROOT / "tune_spaces" / "smoke.yaml"), "--check"]) == 0
     assert "valid; 4 trial(s) over rank, lr" in capsys.readouterr().out
+
+
+def test_sweep_resources_min_max_workers_is_not_a_base60_number(tmp_path: Path) -> None:
+    f = tmp_path / "sweep.yaml"
+    f.write_text("name: s\nbase: {model: llama-micro}\nresources: {workers: 2:8}\n"
+                 "search_space: {lr: {grid: [0.001, 0.002]}}\n")
+    spec = load_sweep(f)
+    assert spec.base_config().worker_range() == (2, 8)
+
+
+def test_relative_storage_path_is_resolved_where_the_sweep_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune runs each trial in its own working folder under Ray's session folder: a relative storage path
+    must be fixed to the launch folder first, or the checkpoints vanish with /tmp/ray."""
+    f = tmp_path / "sweep.yaml"
+    f.write_text("name: s\nstorage_path: my_runs\nbase: {model: llama-micro}\nsearch_space: {lr: {grid: [0.001]}}\n")
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(f)
+    assert spec.storage_path == str(tmp_path / "my_runs")
+    monkeypatch.chdir("/")  # a trial's working folder
+    assert spec.storage_path == str(tmp_path / "my_runs")

@@ -19,6 +19,7 @@ needs to know which method runs. ``state_dict()`` holds tensors and numbers only
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ class MethodConfig:
     """Peak learning rate (of B for RSO, of the projected update for GaLore, of every weight for AdamW).
     Non-target parameters (embeddings, norms, lm_head) use it too, as in GaLore's scripts."""
     weight_decay: float = 0.0
-    """Decoupled weight decay of the AdamW parts (0 in the GaLore/RSO recipe)."""
+    """Decoupled weight decay of the AdamW parts (0 in the GaLore/RSO recipe); RSO's inner optimizer of B
+    gets the same value when it takes a weight_decay (plain Adam applies it as L2)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas, for every Adam in play."""
     eps: float | None = None
@@ -301,6 +303,9 @@ class RSOMethod(TrainingMethod):
         if cls in (torch.optim.Adam, torch.optim.AdamW):
             kwargs.setdefault("betas", config.betas)
             kwargs.setdefault("eps", config.adam_eps)
+        if "weight_decay" in inspect.signature(cls.__init__).parameters:
+            # The configured decay, 0 included: torch's AdamW would otherwise decay B by its default 0.01.
+            kwargs.setdefault("weight_decay", config.weight_decay)
         try:
             self.inner = _with_initial_lr(cls(self.handle.b_parameters(), **kwargs))
         except TypeError as err:

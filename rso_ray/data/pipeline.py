@@ -2,11 +2,13 @@
 
 Open-source Ray Data has no resumable iterator, so the position lives in our checkpoints instead. The
 unit of work is one file in one epoch (a *unit*, e.g. ``e0/f17``); ``map_batches`` reads a unit's json.gz,
-tokenizes and packs it, and emits blocks tagged (unit, block index). Each worker records the ranges of
-blocks it actually trained on; at a checkpoint these are gathered into a :class:`ConsumedBlocks` and saved.
-When the worker group (re)starts, the dataset is rebuilt without the units that are done, and the
-in-progress units skip the blocks already consumed -- only those few files are read again. The worker
-filters by the same record, so even a checkpoint newer than the one the dataset was built from is exact.
+tokenizes and packs it, and emits blocks tagged (unit, block index). One reader (rank 0 of the training
+workers) consumes the stream in order and records the ranges of blocks trained on in a
+:class:`ConsumedBlocks`, saved with every checkpoint. When the worker group (re)starts, the dataset is
+rebuilt from the checkpoint's record without the units that are done, and the in-progress units skip the
+blocks already consumed -- only those few files are read again. A file that yields no block sends one
+marker row (block -1) so that the reader counts it and marks it done. Stream order is fixed
+(``preserve_order``), so the remaining stream is exactly the uninterrupted run's continuation.
 
 Epochs are part of the stream (units of epoch 0, then of epoch 1, ...; files reshuffled per epoch with
 the run's seed), so workers never have to agree on an epoch boundary while in the middle of a step.
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .packing import Packer
-from .records import ReadStats
+from .records import CorruptRecordError, ReadStats
 from .sources import DataSource
 
 Ranges = list[list[int]]  # sorted, disjoint [start, end) block ranges
@@ -54,8 +56,11 @@ class ConsumedBlocks:
     ranges: dict[str, Ranges] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
+    blocks: int = 0
+    """Blocks trained on in all (done units included): steps x global batch for a run's single reader."""
 
     def add(self, unit: str, block: int, last: bool) -> None:
+        self.blocks += 1
         r = self.ranges.setdefault(unit, [])
         if r and r[-1][1] == block:
             r[-1][1] = block + 1  # the common case: the next block of a contiguous run
@@ -65,6 +70,12 @@ class ConsumedBlocks:
         if last:
             self.totals[unit] = block + 1
         self._maybe_done(unit)
+
+    def add_empty(self, unit: str) -> None:
+        """A unit whose file yields no block at all: done, with nothing trained."""
+        self.done.add(unit)
+        self.ranges.pop(unit, None)
+        self.totals.pop(unit, None)
 
     def _maybe_done(self, unit: str) -> None:
         total = self.totals.get(unit)
@@ -81,22 +92,8 @@ class ConsumedBlocks:
         """Blocks in the in-progress units (done units are not counted here)."""
         return sum(b - a for r in self.ranges.values() for a, b in r)
 
-    def merged(self, others: Sequence[ConsumedBlocks]) -> ConsumedBlocks:
-        out = ConsumedBlocks(done=set(self.done))
-        for c in (self, *others):
-            out.done |= c.done
-            for unit, total in c.totals.items():
-                out.totals[unit] = total
-        for c in (self, *others):
-            for unit, r in c.ranges.items():
-                if unit not in out.done:
-                    out.ranges[unit] = merge_ranges(out.ranges.get(unit, []) + r)
-        for unit in list(out.ranges):
-            out._maybe_done(unit)
-        return out
-
     def to_json(self) -> dict[str, Any]:
-        return {"ranges": self.ranges, "totals": self.totals, "done": sorted(self.done)}
+        return {"ranges": self.ranges, "totals": self.totals, "done": sorted(self.done), "blocks": self.blocks}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> ConsumedBlocks:
@@ -106,6 +103,7 @@ class ConsumedBlocks:
             ranges={k: merge_ranges(v) for k, v in data.get("ranges", {}).items()},
             totals={k: int(v) for k, v in data.get("totals", {}).items()},
             done=set(data.get("done", [])),
+            blocks=int(data.get("blocks", 0)),
         )
 
 
@@ -151,34 +149,64 @@ class TokenizePackUnits:
         for unit, path, skip_json in zip(batch["unit"], batch["path"], batch["skip"], strict=True):
             skip = merge_ranges(json.loads(skip_json))
             stats = ReadStats()
+            shown = 0  # skip examples already sent downstream
             kept: list[tuple[int, np.ndarray]] = []
             pending: tuple[int, np.ndarray] | None = None  # held back until we know whether it is the last
             for i, block in enumerate(self.packer.blocks(str(path), stats)):
                 if pending is not None and not in_ranges(skip, pending[0]):
                     kept.append(pending)
                     if len(kept) >= self.blocks_per_batch:
-                        yield self._batch(unit, kept, final=False, skipped_lines=stats.skipped)
+                        yield self._batch(unit, kept, final=False, stats=stats, shown=shown)
+                        shown = len(stats.examples)
                         kept = []
                 pending = (i, block)
-            final = pending is not None and not in_ranges(skip, pending[0])
+            if pending is None:
+                # The file yields no block (every line bad or empty, or too little text): one marker row
+                # (block -1) so that the reader counts the file, says why, and marks the unit done.
+                yield self._batch(unit, [(-1, np.zeros(self.packer.seq_len, dtype=np.int64))], final=True,
+                                  stats=stats, shown=shown)
+                continue
+            final = not in_ranges(skip, pending[0])
             if final:
-                assert pending is not None
                 kept.append(pending)
             if kept:
-                yield self._batch(unit, kept, final=final, skipped_lines=stats.skipped)
+                yield self._batch(unit, kept, final=final, stats=stats, shown=shown)
 
     @staticmethod
-    def _batch(unit: str, kept: list[tuple[int, np.ndarray]], *, final: bool, skipped_lines: int) -> dict[str, np.ndarray]:
+    def _batch(unit: str, kept: list[tuple[int, np.ndarray]], *, final: bool, stats: ReadStats, shown: int) -> dict[str, np.ndarray]:
         n = len(kept)
         last = np.zeros(n, dtype=bool)
         last[-1] = final
+        notes = np.full(n, "", dtype=object)
+        notes[0] = json.dumps(stats.examples[shown:]) if len(stats.examples) > shown else ""
         return {
             "input_ids": np.stack([b for _, b in kept]).astype(np.int32),
             "unit": np.array([unit] * n),
             "block": np.asarray([i for i, _ in kept], dtype=np.int64),
             "last": last,
-            "skipped_lines": np.full(n, skipped_lines, dtype=np.int64),  # corrupt lines of the unit so far
+            "skipped_lines": np.full(n, stats.skipped, dtype=np.int64),  # bad lines of the unit so far
+            "notes": notes,  # new "file:line: why" examples of skipped lines, JSON, on the batch's first row
         }
+
+
+class TrainingDataError(RuntimeError):
+    """The training data cannot go on (a bad line under --on-bad-line error, or no data left): the same on
+    every retry, so the run stops at once instead of being restarted."""
+
+
+def find_corrupt_record(err: BaseException) -> CorruptRecordError | None:
+    """The CorruptRecordError behind an exception that Ray Data re-raised (wrapped, chained or both)."""
+    seen: set[int] = set()
+    stack: list[Any] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CorruptRecordError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
 
 
 def build_train_dataset(
@@ -193,6 +221,7 @@ def build_train_dataset(
     on_bad_line: str = "skip",
     concurrency: int | tuple[int, int] = (1, 4),
     data_cpus: float = 1.0,
+    buffer_mb: int = 64,
 ) -> Any:
     """A lazy Ray Dataset of packed blocks, in a fixed order, without the blocks in ``consumed``."""
     import ray.data
@@ -201,11 +230,19 @@ def build_train_dataset(
     if not units:
         raise ValueError("no training data left: every unit of every epoch is consumed (raise --max-epochs)")
     lo, hi = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
+    from ray.data import ExecutionOptions, ExecutionResources
+
     from .idle_backoff import IdleBackoff
 
     ctx = ray.data.DataContext.get_current()
     if IdleBackoff not in ctx.custom_execution_callback_classes:
         ctx.custom_execution_callback_classes.append(IdleBackoff)
+    ctx.enable_progress_bars = False
+    # A fixed stream order (the same blocks for the same seed), and backpressure: the tokenizer works at
+    # most buffer_mb ahead of training rather than racing through every epoch.
+    ctx.execution_options = ExecutionOptions(
+        preserve_order=True, resource_limits=ExecutionResources(object_store_memory=buffer_mb * 2**20)
+    )
     # One unit per block for parallel reads, at most MAX_BLOCKS blocks (each then holds a few units, read in
     # order by one task) so that hundreds of epochs of a big file list stay cheap to plan.
     ds = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_BLOCKS))

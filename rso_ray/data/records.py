@@ -9,23 +9,26 @@ line is either skipped and counted or an error naming the file and line, as the 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 OnBadLine = Literal["skip", "error"]
 
 
 class CorruptRecordError(ValueError):
-    """A line of a C4 file is not a JSON object with a string "text" field."""
+    """A line of a C4 file is not a JSON object with a non-empty string "text" field."""
 
     def __init__(self, path: str, line: int, reason: str):
         super().__init__(f"{path}, line {line}: {reason}")
         self.path, self.line, self.reason = path, line, reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised inside Ray Data's tokenizer actors: it must pickle with its fields to reach the trainer.
+        return (type(self), (self.path, self.line, self.reason))
 
 
 @dataclass
@@ -35,11 +38,12 @@ class ReadStats:
     records: int = 0
     skipped: int = 0
     examples: list[str] = field(default_factory=list)
+    """The first few skipped lines as "file:line: why"."""
 
-    def note_skip(self, where: str) -> None:
+    def note_skip(self, where: str, why: str) -> None:
         self.skipped += 1
         if len(self.examples) < 5:
-            self.examples.append(where)
+            self.examples.append(f"{where}: {why}")
 
 
 def parse_record(line: str | bytes, *, path: str, lineno: int) -> dict[str, Any]:
@@ -50,13 +54,15 @@ def parse_record(line: str | bytes, *, path: str, lineno: int) -> dict[str, Any]
         raise CorruptRecordError(path, lineno, f"not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise CorruptRecordError(path, lineno, 'not a JSON object with a string "text" field')
+    if not obj["text"].strip():
+        raise CorruptRecordError(path, lineno, "empty text")  # no document: it would train on a lone EOS
     return obj
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    from .sources import open_text
+def _open_binary(path: str) -> IO[bytes]:
+    from .sources import open_binary
 
-    return open_text(path)
+    return open_binary(path)
 
 
 def iter_records(
@@ -71,31 +77,37 @@ def iter_records(
     for p in paths:
         path = os.fspath(p)
         try:
-            fh = _open_text(path)
+            fh = _open_binary(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"data file {path} does not exist") from None
         with fh:
             lineno = 0
             while True:
                 try:
-                    line = fh.readline()
-                except (OSError, EOFError, UnicodeDecodeError) as err:
-                    # A truncated gzip stream or undecodable bytes: nothing after this point is readable.
+                    # Bytes, decoded line by line: a bad byte spoils its own line only, and lines are
+                    # counted exactly (a text stream decodes ahead and loses its place on an error).
+                    raw = fh.readline()
+                except (OSError, EOFError) as err:
+                    # A truncated or corrupt gzip stream: nothing after this point is readable.
                     if on_bad_line == "error":
                         raise CorruptRecordError(path, lineno + 1, f"unreadable ({err})") from None
-                    stats.note_skip(f"{path}:{lineno + 1}")
+                    stats.note_skip(f"{path}:{lineno + 1}", f"unreadable, rest of file lost ({err})")
                     break
-                if not line:
+                if not raw:
                     break
                 lineno += 1
-                if not line.strip():
+                if not raw.strip():
                     continue
                 try:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise CorruptRecordError(path, lineno, f"not UTF-8 ({err.reason} at byte {err.start})") from None
                     rec = parse_record(line, path=path, lineno=lineno)
-                except CorruptRecordError:
+                except CorruptRecordError as err:
                     if on_bad_line == "error":
                         raise
-                    stats.note_skip(f"{path}:{lineno}")
+                    stats.note_skip(f"{path}:{lineno}", err.reason)
                     continue
                 stats.records += 1
                 yield rec

@@ -1,5 +1,12 @@
-"""Checkpoints: written into a fresh folder and renamed into place, so a crash while writing never
-leaves a half-written checkpoint under a valid name; the previous one stays usable.
+"""Checkpoints, owned by rso_ray (not by Ray Train): written by rank 0 into the run folder, complete only
+once a marker file is written last, restored from the newest complete one, pruned to the newest N.
+
+Completeness is the marker ``rso_complete.json``, written after every other file is in storage; it lists
+each file with its size, and a checkpoint counts as complete only when every listed file is there with
+that size. On a local disk the folder is also built under a temporary name and renamed into place; on an
+object store (no atomic rename) a failed upload (a full disk, a lost connection) leaves a folder without
+the marker, which is ignored and later deleted. Because rso_ray picks the checkpoint to resume from, the
+newest complete one always wins (Ray Train's own checkpoint registry could lag one report behind).
 
 For RSO a checkpoint is taken right after a merge, where there is no B and no inner optimizer state:
 the weights, the AdamW state of the non-target parameters, the step, the RNG state, the data position and
@@ -8,18 +15,22 @@ baselines checkpoint their full optimizer state. Files:
 
 - ``model.pt``: the model's state dict (RSO's B left out when it is zero, at a subspace boundary);
 - ``train_state.pt``: the method's state dict (tensors and numbers) and the torch RNG states;
-- ``state.json``: step, tokens, data position, MLflow run id, world size, data fingerprint, config.
+- ``state.json``: step, tokens, data position, MLflow run id, world size, data fingerprint, config;
+- ``rso_complete.json``: the marker.
 
-    python -c "from rso_ray.training.checkpoint import read_state; import sys; print(read_state(sys.argv[1]))" rso_runs/<run>/checkpoint_00000050
+    python -c "from rso_ray.training.checkpoint import latest_checkpoint, read_state; import sys; print(read_state(latest_checkpoint(sys.argv[1])))" rso_runs/<run>
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +38,17 @@ import torch
 from torch import nn
 
 from ..core.methods import TrainingMethod
+from . import storage
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
+COMPLETE_FILE = "rso_complete.json"
+_NAME = re.compile(r"^checkpoint_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -45,6 +63,21 @@ def _model_state(model: nn.Module, method: TrainingMethod) -> dict[str, torch.Te
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
+def _write_files(folder: Path, model: nn.Module, method: TrainingMethod, state: dict[str, Any]) -> None:
+    torch.save(_model_state(model, method), folder / MODEL_FILE)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+    torch.save({"method": method.state_dict(), "rng": rng}, folder / TRAIN_STATE_FILE)
+    meta = dict(state, at_boundary=method.at_boundary, method=method.name)
+    (folder / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
+
+
+def _marker(folder: Path, state: dict[str, Any]) -> bytes:
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return json.dumps({"files": sizes, "step": state.get("step")}, indent=1).encode()
+
+
 def write_checkpoint(
     directory: str | os.PathLike[str],
     *,
@@ -52,29 +85,44 @@ def write_checkpoint(
     method: TrainingMethod,
     state: dict[str, Any],
     before_finish: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write a checkpoint to ``directory`` atomically: everything goes into a sibling temporary folder that
-    is renamed to ``directory`` once complete. ``before_finish`` runs between the writes and the rename
-    (tests use it to simulate a crash mid-write)."""
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        raise FileExistsError(f"checkpoint {final} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        torch.save(_model_state(model, method), tmp / MODEL_FILE)
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
-        torch.save({"method": method.state_dict(), "rng": rng}, tmp / TRAIN_STATE_FILE)
-        meta = dict(state, at_boundary=method.at_boundary, method=method.name)
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
+) -> str:
+    """Write a checkpoint to ``directory`` (a local path or a storage URI); returns it. The marker goes
+    last; a local folder is renamed into place once complete. An older folder of the same name (an
+    incomplete leftover, or the same step written by an earlier attempt) is replaced. ``before_finish``
+    runs between the files and the marker (tests use it to simulate a crash mid-write)."""
+    final = os.fspath(directory)
+    if not storage.is_remote(final):
+        parent = Path(final).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{Path(final).name}.tmp-", dir=parent))
+        try:
+            _write_files(tmp, model, method, state)
+            if before_finish is not None:
+                before_finish(tmp)
+            (tmp / COMPLETE_FILE).write_bytes(_marker(tmp, state))
+            if Path(final).exists():
+                old = parent / f".{Path(final).name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+    with tempfile.TemporaryDirectory(prefix="rso-ckpt-") as local:
+        folder = Path(local)
+        _write_files(folder, model, method, state)
+        storage.remove_tree(final)
+        for p in sorted(folder.iterdir()):
+            storage.upload_file(p, storage.join(final, p.name))
         if before_finish is not None:
-            before_finish(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            before_finish(folder)
+        marker = _marker(folder, state)
+        if storage.file_sizes(final) != json.loads(marker)["files"]:
+            raise OSError(f"checkpoint upload to {final} is incomplete: sizes differ after the upload")
+        storage.write_bytes(storage.join(final, COMPLETE_FILE), marker)
     return final
 
 
@@ -84,29 +132,55 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialize {type(obj).__name__} in a checkpoint's state.json")
 
 
+def is_complete(directory: str | os.PathLike[str]) -> bool:
+    """Whether the marker is there and every file it lists has the listed size."""
+    d = os.fspath(directory)
+    marker = storage.read_json(storage.join(d, COMPLETE_FILE))
+    if not marker or not isinstance(marker.get("files"), dict):
+        return False
+    sizes = storage.file_sizes(d)
+    return all(sizes.get(name) == size for name, size in marker["files"].items())
+
+
 def read_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a complete checkpoint: {STATE_FILE} is missing")
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    d = os.fspath(directory)
+    if not is_complete(d):
+        raise FileNotFoundError(f"{d} is not a complete checkpoint: {COMPLETE_FILE} is missing or does not match its files")
+    state = storage.read_json(storage.join(d, STATE_FILE))
+    if state is None:
+        raise FileNotFoundError(f"{d} is not a complete checkpoint: {STATE_FILE} is unreadable")
+    return state
+
+
+@contextmanager
+def local_copy(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """A local folder with the checkpoint's files (the folder itself when it is local)."""
+    d = os.fspath(directory)
+    if not storage.is_remote(d):
+        yield Path(d)
+        return
+    with tempfile.TemporaryDirectory(prefix="rso-restore-") as tmp:
+        storage.download_dir(d, tmp)
+        yield Path(tmp)
 
 
 def load_checkpoint(
     directory: str | os.PathLike[str], *, model: nn.Module, method: TrainingMethod, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Restore ``model`` and ``method`` from a checkpoint; returns its state.json. Tensors-only loading
-    (``weights_only=True``): a checkpoint cannot run code."""
-    d = Path(directory)
-    state = read_state(d)
+    """Restore ``model`` and ``method`` from a complete checkpoint; returns its state.json. Tensors-only
+    loading (``weights_only=True``): a checkpoint cannot run code."""
+    state = read_state(directory)
     if state.get("method") != method.name:
-        raise ValueError(f"checkpoint {d} was written by {state.get('method')!r}, this run uses {method.name!r}")
-    weights = torch.load(d / MODEL_FILE, map_location=map_location, weights_only=True)
+        raise ValueError(f"checkpoint {directory} was written by {state.get('method')!r}, this run uses {method.name!r}")
+    with local_copy(directory) as d:
+        weights = torch.load(d / MODEL_FILE, map_location=map_location, weights_only=True)
+        train_state = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     target = unwrap(model)
     missing, unexpected = target.load_state_dict(weights, strict=False)
     allowed_missing = {k for k in missing if k.endswith("rso_B")} if state.get("at_boundary") else set()
     if unexpected or set(missing) - allowed_missing:
         raise ValueError(
-            f"checkpoint {d} does not fit this model: missing {sorted(set(missing) - allowed_missing)[:5]}, "
+            f"checkpoint {directory} does not fit this model: missing {sorted(set(missing) - allowed_missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
     if allowed_missing:
@@ -114,7 +188,6 @@ def load_checkpoint(
             for name, p in target.named_parameters():
                 if name in allowed_missing:
                     p.zero_()
-    train_state = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     method.load_state_dict(train_state["method"])  # optimizers move their state to the parameters' device
     rng = train_state.get("rng", {})
     if "torch" in rng:
@@ -124,10 +197,35 @@ def load_checkpoint(
     return state
 
 
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete ``checkpoint_*`` folder of a run (incomplete or temporary ones are ignored)."""
-    root = Path(run_dir)
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("checkpoint_*") if p.is_dir() and (p / STATE_FILE).is_file())
-    return done[-1] if done else None
+def checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """(step, folder) of every ``checkpoint_*`` folder of a run, complete or not, oldest first."""
+    root = os.fspath(run_dir)
+    out = []
+    for name in storage.list_dir(root):
+        m = _NAME.match(name)
+        if m:
+            out.append((int(m.group(1)), storage.join(root, name)))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
+    """The newest complete checkpoint folder of a run (incomplete or temporary ones are ignored)."""
+    for _, path in reversed(checkpoints(run_dir)):
+        if is_complete(path):
+            return path
+    return None
+
+
+def prune(run_dir: str | os.PathLike[str], keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; delete older ones and every incomplete folder (the
+    caller is the run's only writer, so an incomplete folder is a dead attempt's)."""
+    complete = 0
+    for _, path in reversed(checkpoints(run_dir)):
+        if is_complete(path) and complete < keep:
+            complete += 1
+            continue
+        storage.remove_tree(path)
+    root = os.fspath(run_dir)
+    if not storage.is_remote(root):
+        for leftover in Path(root).glob(".checkpoint_*"):
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -7,7 +7,6 @@ MLflow run and the data, run a Ray Train TorchTrainer, and print a summary.
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
@@ -16,10 +15,10 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..console import format_table, human_duration
-from ..data.pipeline import ConsumedBlocks, build_train_dataset, validation_blocks
+from ..data.pipeline import validation_blocks
 from ..data.sources import DataSource, resolve_source
 from .engine import perplexity
-from .storage import DATA_POSITION, OUTCOME, RUN_INFO, read_json, run_dir, write_json
+from .storage import OUTCOME, RUN_INFO, check_writable, read_json, run_dir, write_json
 
 DEMO_MODELS = ("llama-micro", "llama-tiny")
 # Ray Data's progress bars and Ray Train's print patch (which logs every print a second time) would drown
@@ -38,6 +37,14 @@ C4_TRAIN_TOKENS = 156_000_000_000
 
 class TrainingDiverged(RuntimeError):
     """The run stopped after --max-nonfinite non-finite steps in a row."""
+
+
+class TrainingDataFailed(RuntimeError):
+    """The training data cannot go on (a bad line under --on-bad-line error, no data): not retried."""
+
+
+class ClusterLacksResources(RuntimeError):
+    """The cluster does not have (and will not get) the GPUs or CPUs the workers need."""
 
 
 @dataclass
@@ -59,6 +66,8 @@ def resolve_vocab(cfg: TrainConfig, tokenizer_len: int) -> int:
     32100-token tokenizer the 100 sentinel ids, absent from plain text, become <unk>)."""
     from ..models import model_config
 
+    if cfg.init_from and not cfg.model.startswith("hf:"):
+        return int(_init_from_config(cfg).vocab_size)  # the embedding rows of the weights loaded
     if cfg.model in DEMO_MODELS:
         return tokenizer_len
     if cfg.model.startswith("hf:"):
@@ -74,9 +83,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
     from ..models import build_model
     from .comm import gradient_bytes_ratio
 
+    check_writable(cfg.storage_path)
+    if cfg.init_from:
+        _init_from_config(cfg)  # first: the model and the tokenizer may come from that folder
     tok = load_tokenizer(cfg.tokenizer)
     vocab = resolve_vocab(cfg, len(tok))
     model = build_model(cfg.model, vocab_size=vocab, device="meta")
+    if cfg.init_from:
+        check_init_from(cfg, model)
     build_method(model, cfg.method_config())  # rank vs layer sizes, targets, inner optimizer
     source = resolve_source(cfg.data)
     assert cfg.eval_tokens is not None
@@ -86,6 +100,30 @@ def prepare(cfg: TrainConfig) -> Prepared:
     )
     ratio = gradient_bytes_ratio("llama-1b", 512)["ratio"]
     return Prepared(cfg, source, vocab, len(tok), val, ratio, epochs_needed(cfg, source, tok, vocab))
+
+
+def _init_from_config(cfg: TrainConfig) -> Any:
+    """The transformers config of --init-from, once its folder is known to hold weights too."""
+    from ..models.hf_io import pretrained_config, resolve_pretrained, weight_files
+
+    try:
+        folder = resolve_pretrained(cfg.init_from)  # type: ignore[arg-type]
+        config = pretrained_config(folder)
+        weight_files(folder)
+    except ValueError as err:
+        raise ValueError(f"--init-from {cfg.init_from}: {err}") from None
+    return config
+
+
+def check_init_from(cfg: TrainConfig, model: Any) -> None:
+    """--init-from names a folder (or a hub snapshot, fetched here) whose config and weights fit ``model``
+    (built on the meta device); nothing but the safetensors headers is read."""
+    from ..models.hf_io import check_pretrained, resolve_pretrained
+
+    try:
+        check_pretrained(model, resolve_pretrained(cfg.init_from))  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(f"--init-from {cfg.init_from} does not fit --model {cfg.model}: {err}") from None
 
 
 def epochs_needed(cfg: TrainConfig, source: DataSource, tok: Any, vocab: int) -> int:
@@ -108,26 +146,14 @@ def epochs_needed(cfg: TrainConfig, source: DataSource, tok: Any, vocab: int) ->
     return int(min(cfg.max_epochs, math.ceil(1.25 * needed / per_epoch) + 1))
 
 
-def _make_train_dataset(cfg: TrainConfig, source: DataSource, vocab_size: int, epochs: int, position_uri: str) -> Any:
-    """Called by Ray Train at every worker-group start: skip what the last checkpoint consumed."""
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    position = read_json(position_uri) or {}
-    consumed = ConsumedBlocks.from_json(position.get("consumed"))
-    return build_train_dataset(
-        source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=vocab_size, seed=cfg.seed,
-        epochs=epochs, consumed=consumed, on_bad_line=cfg.on_bad_line, data_cpus=cfg.data_cpus,
-    )
-
-
-def _init_ray() -> dict[str, float]:
+def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
+    """Connect to the cluster (RAY_ADDRESS, set by `ray job submit`) or start a local instance; returns
+    the cluster's resources and whether this process started it (then no autoscaler can add nodes)."""
     import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) connects to the cluster; otherwise a local instance starts.
-        # Ray Data's progress bars (printed by the actors that run the pipeline) would drown our progress lines.
+    initialized_here = not ray.is_initialized()
+    if initialized_here:
         ray.init(
             log_to_driver=True,
             configure_logging=True,
@@ -135,7 +161,48 @@ def _init_ray() -> dict[str, float]:
             runtime_env={"env_vars": QUIET_ENV},
         )
     DataContext.get_current().enable_progress_bars = False
-    return ray.cluster_resources()
+    from .ray_console import install_log_filter
+
+    install_log_filter(lambda text: print(f"[rso_ray] {text}", flush=True), max_failures=max_failures)
+    node = getattr(ray._private.worker, "_global_node", None)
+    started_here = bool(getattr(node, "head", False))
+    if initialized_here and started_here:
+        from .reaper import start_watcher
+
+        start_watcher()  # a kill -9 of this driver must not leave Ray's node processes running
+    return ray.cluster_resources(), started_here
+
+
+def wait_for_workers(cfg: TrainConfig, resources: dict[str, float], started_here: bool) -> dict[str, float]:
+    """Return once the cluster has the GPUs the smallest worker group needs. A local instance started by
+    this process cannot grow: fail at once. A cluster may be scaling up: wait --resource-wait-s, saying
+    so, then fail (a plain loop: Ctrl-C works)."""
+    import ray
+
+    lo, _ = cfg.worker_range()
+    if not cfg.uses_gpu(resources.get("GPU", 0.0)) or resources.get("GPU", 0.0) >= lo:
+        return resources
+    have = resources.get("GPU", 0.0)
+    if started_here:
+        raise ClusterLacksResources(
+            f"--use-gpu true needs {lo} GPU(s), but this machine's Ray instance has {have:g} and no autoscaler "
+            "to add any: use --use-gpu false (or auto), or submit to a GPU cluster (ray job submit)")
+    deadline, said = time.monotonic() + cfg.resource_wait_s, 0.0
+    while True:
+        resources = ray.cluster_resources()
+        have = resources.get("GPU", 0.0)
+        if have >= lo:
+            return resources
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ClusterLacksResources(
+                f"waited {cfg.resource_wait_s:.0f}s for {lo} GPU(s); the cluster still has {have:g}: check its GPU "
+                "node types and quotas, raise --resource-wait-s, or use --use-gpu false")
+        if time.monotonic() - said >= 30:
+            print(f"[rso_ray] waiting for {lo} GPU(s) (the cluster has {have:g}; giving up in {left:.0f}s, "
+                  "--resource-wait-s): the autoscaler must add GPU nodes", flush=True)
+            said = time.monotonic()
+        time.sleep(min(5.0, max(left, 0.1)))
 
 
 @dataclass
@@ -149,11 +216,9 @@ class Placement:
 
 def place_workers(cfg: TrainConfig, resources: dict[str, float]) -> Placement:
     """GPU or CPU workers, their logical CPUs and torch threads, from the cluster's resources."""
-    lo, hi = cfg.worker_range()
+    _lo, hi = cfg.worker_range()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     use_gpu = cfg.uses_gpu(gpus)
-    if use_gpu and gpus < lo:
-        print(f"[rso_ray] waiting for {lo} GPU(s) (the cluster has {gpus:g} now): the autoscaler must add GPU nodes", flush=True)
     # Without GPUs the workers share the CPUs, minus what the data pipeline's tokenizer actor needs (a
     # worker group that takes every CPU would starve the data and hang).
     cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else max(0.25, (cpus - cfg.data_cpus) / hi))
@@ -161,21 +226,15 @@ def place_workers(cfg: TrainConfig, resources: dict[str, float]) -> Placement:
     return Placement(use_gpu, cpus_per_worker, threads)
 
 
-def build_trainer(cfg: TrainConfig, prep: Prepared, place: Placement, runtime: dict[str, Any], callbacks: list[Any] | None) -> Any:
-    """The TorchTrainer of a run: scaling (fixed or elastic), failures, checkpoints, and the datasets."""
-    import ray
-    from ray.data import ExecutionOptions, ExecutionResources
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+def build_trainer(cfg: TrainConfig, place: Placement, runtime: dict[str, Any], callbacks: list[Any] | None) -> Any:
+    """The TorchTrainer of a run: scaling (fixed or elastic) and failures. Checkpoints and data are not
+    Ray Train's: rank 0 reads the stream and writes checkpoints (rso_ray.training.worker)."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .worker import train_loop_per_worker
 
     lo, hi = cfg.worker_range()
-    # A fixed stream order (the same blocks for the same seed), and backpressure: the tokenizer works at
-    # most --data-buffer-mb ahead of training rather than racing through every epoch.
-    train_options = ExecutionOptions(
-        preserve_order=True, resource_limits=ExecutionResources(object_store_memory=cfg.data_buffer_mb * 2**20)
-    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "runtime": runtime},
@@ -190,20 +249,9 @@ def build_trainer(cfg: TrainConfig, prep: Prepared, place: Placement, runtime: d
             name=cfg.run_name,
             storage_path=cfg.storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(place.threads), **QUIET_ENV}},
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
-        ),
-        datasets={
-            "train": functools.partial(
-                _make_train_dataset, cfg, prep.source, prep.vocab_size, prep.epochs, runtime["data_position"]
-            ),
-            "validation": ray.data.from_numpy(prep.validation).rename_columns({"data": "input_ids"}).materialize(),
-        },
-        dataset_config=DataConfig(
-            datasets_to_split=["train"],
-            execution_options={"train": train_options, "validation": ExecutionOptions(preserve_order=True)},
         ),
     )
 
@@ -219,7 +267,7 @@ def run(
 
     ``parent_run_id`` nests the job's MLflow run under a sweep's run; ``callbacks`` are Ray Train
     callbacks (a Tune trial passes TuneReportCallback)."""
-    from . import tracking
+    from .runlock import RunLock
 
     t0 = time.time()
     prep = prepared or prepare(cfg)
@@ -230,44 +278,71 @@ def run(
             f"run {cfg.run_name!r} in {cfg.storage_path} was a {info.get('model')} / {info.get('optimizer')} run; "
             f"it cannot be resumed as {cfg.model} / {cfg.optimizer}: use another --run-name"
         )
-    place = place_workers(cfg, _init_ray())
+    with RunLock(folder):  # one writer per run, taken before Ray starts
+        return _run_locked(cfg, prep, folder, info, t0, parent_run_id, callbacks)
+
+
+def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, Any], t0: float,
+                parent_run_id: str | None, callbacks: list[Any] | None) -> dict[str, Any]:
+    import uuid
+
+    import ray
+
+    from . import tracking
+
+    resources, started_here = _init_ray(cfg.max_failures)
+    place = place_workers(cfg, wait_for_workers(cfg, resources, started_here))
     run_id = tracking.start_run(
         cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,  # type: ignore[arg-type]
         run_id=info.get("mlflow_run_id"), parent_run_id=parent_run_id,
         tags={"rso_ray.model": cfg.model, "rso_ray.optimizer": cfg.optimizer},
     )
-    if not info:
-        write_json(f"{folder}/{RUN_INFO}", {"model": cfg.model, "optimizer": cfg.optimizer, "mlflow_run_id": run_id,
-                                           "data_fingerprint": prep.source.fingerprint(), "created": time.time()})
-    runtime = {
-        "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_run_id": run_id, "vocab_size": prep.vocab_size,
-        "data_fingerprint": prep.source.fingerprint(), "run_dir": folder, "threads": place.threads,
-        "llama_1b_comm_ratio": prep.comm_ratio_llama_1b, "data_position": f"{folder}/{DATA_POSITION}",
-        "outcome": f"{folder}/{OUTCOME}",
-    }
-    write_json(runtime["outcome"], {"status": "running", "since": time.time()})  # forget an earlier attempt's
-    print(
-        f"[rso_ray] run {cfg.run_name}: {cfg.model} with {cfg.optimizer}, data {prep.source.name} "
-        f"({len(prep.source.train)} train files), {'GPU' if place.use_gpu else 'CPU'} workers {cfg.workers}; "
-        f"MLflow run {run_id} at {cfg.mlflow_tracking_uri}; checkpoints in {folder}",
-        flush=True,
-    )
-    trainer = build_trainer(cfg, prep, place, runtime, callbacks)
-    status = "FAILED"
+    status, outcome = "FAILED", {}
     try:
-        result = trainer.fit()
-        metrics = dict(result.metrics or {})
+        if not info:
+            write_json(f"{folder}/{RUN_INFO}", {"model": cfg.model, "optimizer": cfg.optimizer, "mlflow_run_id": run_id,
+                                               "data_fingerprint": prep.source.fingerprint(), "created": time.time()})
+        launch_id = uuid.uuid4().hex[:12]
+        runtime = {
+            "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_run_id": run_id, "vocab_size": prep.vocab_size,
+            "data_fingerprint": prep.source.fingerprint(), "run_dir": folder, "threads": place.threads,
+            "llama_1b_comm_ratio": prep.comm_ratio_llama_1b, "outcome": f"{folder}/{OUTCOME}",
+            "source": prep.source, "epochs": prep.epochs, "validation": ray.put(prep.validation),
+            "launch_id": launch_id,
+        }
+        write_json(runtime["outcome"], {"status": "running", "since": time.time(), "launch_id": launch_id})
+        print(
+            f"[rso_ray] run {cfg.run_name}: {cfg.model} with {cfg.optimizer}, data {prep.source.name} "
+            f"({len(prep.source.train)} train files), {'GPU' if place.use_gpu else 'CPU'} workers {cfg.workers}; "
+            f"MLflow run {run_id} at {cfg.mlflow_tracking_uri}; checkpoints in {folder}",
+            flush=True,
+        )
+        build_trainer(cfg, place, runtime, callbacks).fit()
         outcome = read_json(runtime["outcome"]) or {}
-        status = "FAILED" if outcome.get("status") == "diverged" else "FINISHED"
+        if outcome.get("launch_id") != launch_id or outcome.get("status") == "running":
+            raise RuntimeError(f"the workers ended without a result (see {folder}/{OUTCOME} and the Ray logs)")
+        status = "FINISHED" if outcome.get("status") == "finished" else "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(f"\n[rso_ray] interrupted: run {cfg.run_name} stopped and marked KILLED in MLflow; relaunch with "
+              f"--run-name {cfg.run_name} to resume from its last checkpoint", flush=True)
+        raise
     finally:
         tracking.finish_run(cfg.mlflow_tracking_uri, run_id, status)  # type: ignore[arg-type]
     if outcome.get("status") == "diverged":
         raise TrainingDiverged(str(outcome.get("message")))
+    if outcome.get("status") == "data_error":
+        raise TrainingDataFailed(str(outcome.get("message")))
     summary = {
-        "run": cfg.run_name, "mlflow_run_id": run_id, "steps": metrics.get("step"), "tokens": metrics.get("tokens"),
-        "eval_loss": metrics.get("eval_loss"), "train_wall_time_s": metrics.get("wall_time"),
-        "job_time_s": time.time() - t0, "checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
+        "run": cfg.run_name, "mlflow_run_id": run_id, "steps": outcome.get("step"), "tokens": outcome.get("tokens"),
+        "eval_loss": outcome.get("eval_loss"), "train_wall_time_s": outcome.get("wall_time"),
+        "job_time_s": time.time() - t0, "checkpoint": outcome.get("checkpoint"),
+        "consumed_blocks": outcome.get("consumed_blocks"),
     }
+    if cfg.export_hf != "none" and summary["checkpoint"]:
+        from ..export import export_run
+
+        summary["export"] = export_run(cfg, summary["checkpoint"], run_id)
     print_summary(cfg, summary)
     return summary
 
@@ -301,9 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from .runlock import RunLocked
+
     try:
         run(cfg, prepared=prepared)
-    except ValueError as err:
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RunLocked, ClusterLacksResources, TrainingDataFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:

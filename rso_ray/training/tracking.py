@@ -23,7 +23,7 @@ PARAM_LIMIT = 6000  # MLflow's maximum length of a parameter value
 
 class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int, *, force: bool = False) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -35,7 +35,7 @@ class NullTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, *, force: bool = False) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -110,8 +110,10 @@ class MlflowTracker:
         for i in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self.resume_floor:
+    def log_metrics(self, metrics: dict[str, float], step: int, *, force: bool = False) -> None:
+        """Log at ``step``; steps at or below the resume floor are dropped unless ``force`` (final values:
+        MLflow shows the newest value of a step, so the finished attempt's replace a failed one's)."""
+        if step <= self.resume_floor and not force:
             return
         now = int(time.time() * 1000)
         batch = [

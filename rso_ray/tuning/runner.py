@@ -18,7 +18,7 @@ import yaml
 
 from ..config import TEST_OPTIONS, TrainConfig, config_from_dict
 from ..console import format_table
-from .spec import SweepError, SweepSpec
+from .spec import SweepError, SweepSpec, absolute_storage
 
 
 @dataclass
@@ -79,6 +79,9 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
     experiment = spec.mlflow.get("experiment") or "rso_ray_sweeps"
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", runtime_env={"env_vars": QUIET_ENV})
+    from ..training.ray_console import install_log_filter
+
+    install_log_filter(lambda text: print(f"[rso_ray.tune] {text}", flush=True))
     check_cluster_fits(spec, base, ray.cluster_resources())
 
     parent = tracking.start_run(tracking_uri, experiment, spec.name, tags={"rso_ray.sweep": spec.name})
@@ -145,8 +148,7 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
 
 def _tune_storage(storage_path: str) -> str:
     """Tune's own experiment state goes next to the trials' checkpoints."""
-    root = storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
-    return root.rstrip("/") + "/tune"
+    return absolute_storage(storage_path).rstrip("/") + "/tune"
 
 
 def _outcomes(grid: Any, spec: SweepSpec) -> list[TrialOutcome]:

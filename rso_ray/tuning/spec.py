@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from .. import yaml_loader
 from ..config import TEST_OPTIONS, TrainConfig, config_from_dict
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -133,7 +134,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise SweepError(f"sweep file {p} does not exist")
     text = p.read_text()
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_loader.load(text)
         lines = _key_lines(yaml.compose(text))
     except yaml.YAMLError as err:
         raise SweepError(f"{p}: not valid YAML: {err}") from None
@@ -213,10 +214,17 @@ def load_sweep(path: str | Path) -> SweepSpec:
     spec = SweepSpec(
         path=str(p), name=str(raw.get("name") or p.stem), base=base, space=space, metric=metric, mode=mode,
         num_samples=num_samples, scheduler=scheduler, resources=resources,
-        storage_path=str(raw.get("storage_path") or "rso_runs"), mlflow=mlflow, output=raw.get("output"), lines=lines,
+        storage_path=absolute_storage(str(raw.get("storage_path") or "rso_runs")), mlflow=mlflow,
+        output=raw.get("output"), lines=lines,
     )
     _check_values(spec, fail)
     return spec
+
+
+def absolute_storage(path: str) -> str:
+    """A local storage path made absolute where the sweep is launched: Tune runs each trial in a working
+    folder of its own (inside Ray's temporary session folder), where a relative path would land."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def _dimension(key: str, kind: str, args: Any, fail: Any) -> Dimension:

@@ -1,0 +1,224 @@
+"""Export a training run as a Hugging Face transformers model: the run's newest complete checkpoint (or the
+checkpoint folder given), RSO's current subspace merged into the weights (X <- X + P B; B is in the
+checkpoint mid-subspace, absent at a subspace boundary), written as config.json, model.safetensors
+(sharded with an index above --max-shard-size), generation_config.json and the run's tokenizer.
+
+    python -m rso_ray.export rso_runs/<run name> --out my-llama
+    python -c "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; t = T.from_pretrained('my-llama'); print(t.decode(M.from_pretrained('my-llama').generate(**t('The river', add_special_tokens=False, return_tensors='pt'), max_new_tokens=8)[0]))"
+
+The model is rebuilt from the config in the checkpoint's state.json, so an ``hf:<folder>`` run needs that
+folder's config.json still in place. Nothing is downloaded for the llama-* models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .models.hf_io import DEFAULT_MAX_SHARD, parse_size, save_hf_folder
+from .training.checkpoint import (
+    COMPLETE_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TRAIN_STATE_FILE,
+    is_complete,
+    latest_checkpoint,
+    read_state,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROVENANCE = "rso_ray_export.json"  # which checkpoint the folder came from; transformers ignores it
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself when it is a checkpoint, else the newest complete checkpoint of the run folder."""
+    p = Path(path)
+    if (p / STATE_FILE).is_file():
+        if not is_complete(p):
+            raise FileNotFoundError(f"{p} is not a complete checkpoint: {COMPLETE_FILE} is missing or does not match its files")
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} is neither a run folder nor a checkpoint folder: it does not exist")
+    found = latest_checkpoint(p)
+    if found is None:
+        raise FileNotFoundError(f"{p} holds no complete checkpoint (no checkpoint_*/{COMPLETE_FILE})")
+    return Path(found)
+
+
+def run_config(state: dict[str, Any]) -> TrainConfig:
+    """The training config stored in a checkpoint's state.json (keys this version does not know skipped)."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+
+
+def load_merged_model(checkpoint: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """The model of a checkpoint as a plain model: weights loaded, RSO's B (if any) merged, RSO layers
+    unloaded. Returns it with the run's config and the checkpoint's state.json."""
+    from .core.rso import apply_rso, merge_and_unload
+    from .models import build_model
+
+    d = Path(checkpoint)
+    state = read_state(d)
+    cfg = run_config(state)
+    # mmap: tensors are read as they are copied, never all held twice.
+    weights = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True)
+    vocab = next((v.shape[0] for k, v in weights.items() if k.endswith("embed_tokens.weight")), None)
+    model = build_model(cfg.model, vocab_size=vocab, seed=cfg.seed)
+    b_weights = {k: v for k, v in weights.items() if k.endswith(".rso_B")}
+    plain = {k.replace(".base_layer.", "."): v for k, v in weights.items() if k not in b_weights}
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {d} does not fit model {cfg.model}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if state.get("method") == "rso":
+        train_state = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        # P is a function of (seed, outer step, group): the subspace B lives in is drawn again here.
+        handle = apply_rso(model, cfg.method_config().rso_config(), outer_step=int(train_state["method"]["outer_step"]))
+        names = {f"{name}.rso_B": layer for name, layer in handle.layers.items()}
+        if set(b_weights) - set(names) or (not state.get("at_boundary") and set(names) - set(b_weights)):
+            raise ValueError(f"checkpoint {d}: its B matrices do not match the RSO layers of {cfg.model}")
+        with torch.no_grad():
+            for key, b in b_weights.items():
+                names[key].rso_B.copy_(b)  # absent at a boundary: B stays 0
+        merge_and_unload(model)
+    elif b_weights:
+        raise ValueError(f"checkpoint {d} holds RSO B matrices but was written by {state.get('method')!r}")
+    return model.eval(), cfg, state
+
+
+def _check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty: choose another folder or pass --overwrite")
+    if checkpoint.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"--out {out} holds the checkpoint being exported ({checkpoint}): choose another folder")
+
+
+def export_checkpoint(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Write the model of ``source`` (a run folder or a checkpoint) to ``out`` as a transformers folder.
+    The folder is written next to ``out`` and renamed into place: ``out`` is never left half-written."""
+    from .data.tokenizer import load_tokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    parse_size(max_shard_size)  # fail before the work
+    ckpt = find_checkpoint(source)
+    target = Path(out)
+    _check_out(target, ckpt, overwrite)
+    model, cfg, state = load_merged_model(ckpt)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_hf_folder(model, tmp, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=DTYPES[dtype])
+        provenance = {"checkpoint": str(ckpt.resolve()), "step": state.get("step"), "method": state.get("method"),
+                      "model": cfg.model, "run_name": cfg.run_name, "mlflow_run_id": state.get("mlflow_run_id")}
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def log_to_mlflow(folder: str | os.PathLike[str], tracking_uri: str, run_id: str) -> str:
+    """Log an exported folder to an MLflow run as a model of mlflow's transformers flavour (shown beside
+    the run's metrics in the UI). Loads the model once in this process. Returns the model URI."""
+    import mlflow
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    # Explicit requirements: mlflow's inference imports every optional vision/audio package it knows.
+    reqs = [f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.transformers.log_model(
+                transformers_model={"model": model, "tokenizer": tokenizer}, name="hf_model",
+                task="text-generation", pip_requirements=reqs,
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return str(info.model_uri)
+
+
+def export_run(cfg: TrainConfig, checkpoint: Any, run_id: str) -> str:
+    """--export-hf: the final checkpoint (its folder, local or on storage) to <storage path>/<run name>/hf,
+    replacing an earlier export of the same run; 'mlflow' also logs it to the run. Returns where it went."""
+    from .training.checkpoint import local_copy
+    from .training.storage import run_dir
+
+    dest = f"{run_dir(cfg.storage_path, cfg.run_name)}/hf"  # type: ignore[arg-type]
+    with local_copy(checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rso-export-") as tmp:
+        local = Path(tmp) / "hf" if "://" in dest else Path(dest)
+        export_checkpoint(ckpt, local, overwrite=True)
+        if "://" in dest:  # shared storage: upload the finished folder
+            from pyarrow import fs as pafs
+
+            pafs.copy_files(str(local), dest)
+        if cfg.export_hf == "mlflow":
+            uri = log_to_mlflow(local, cfg.mlflow_tracking_uri, run_id)  # type: ignore[arg-type]
+            print(f"[rso_ray] logged the model to MLflow run {run_id} as {uri}", flush=True)
+    print(f"[rso_ray] exported the final model as a transformers folder: {dest}", flush=True)
+    return dest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rso_ray.export",
+        description="Write a run's model as a Hugging Face transformers folder (AutoModelForCausalLM.from_pretrained "
+        "loads it), with RSO's current subspace merged.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("source", help="run folder (its newest complete checkpoint is used) or checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder to write (must be empty or absent unless --overwrite)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
+                        help="largest safetensors file; bigger models are sharded with an index (5GB, 500MB, 2GiB)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the written weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    parser.add_argument("--mlflow", action="store_true",
+                        help="also log the model to the run's MLflow run (transformers flavour)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = export_checkpoint(args.source, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                                overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    if args.mlflow:
+        state = read_state(find_checkpoint(args.source))
+        uri = log_to_mlflow(out, run_config(state).mlflow_tracking_uri, state["mlflow_run_id"])  # type: ignore[arg-type]
+        print(f"logged to MLflow run {state['mlflow_run_id']} as {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
