@@ -63,27 +63,24 @@ class DataFeed:
     dataset is built from the same record, so this only matters for a record newer than the dataset's).
     It owns the data position: ``consumed`` is what the checkpoints save."""
 
-    def __init__(self, dataset: Any, consumed: ConsumedBlocks, batch_rows: int):
+    def __init__(self, dataset: Any, consumed: ConsumedBlocks, batch_rows: int, files: int):
         self.iterator: Iterator[dict[str, np.ndarray]] = iter(
             dataset.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2)
         )
         self.consumed = consumed
+        self.files = files  # units per epoch: a whole epoch without a block means there is no data
         self.buffer: list[tuple[np.ndarray, str, int, bool]] = []
         self.skipped_lines: dict[str, int] = {}
         self.empty_units: list[str] = []
         self.notes: list[str] = []  # new bad-line examples and empty files, for rank 0 to print
+        self.notes_seen: list[str] = []  # every bad-line example (the first few per file)
 
     def _next_batch(self) -> dict[str, np.ndarray]:
         try:
             return next(self.iterator)
         except StopIteration:
-            read = self.consumed.blocks + len(self.buffer)
-            skipped = sum(self.skipped_lines.values())
-            if read == 0:
-                raise TrainingDataError(
-                    f"the training files yield no data ({skipped} bad line(s) skipped, "
-                    f"{len(self.empty_units)} file(s) without a single block)"
-                ) from None
+            if self.consumed.blocks + len(self.buffer) == 0:
+                self._no_data()
             raise TrainingDataError(
                 "the training data ran out before the last step: raise --max-epochs or lower --steps"
             ) from None
@@ -91,7 +88,16 @@ class DataFeed:
             bad = find_corrupt_record(err)
             if bad is None:
                 raise  # not the data's fault: a restart may help
-            raise TrainingDataError(f"{bad} (--on-bad-line error)") from None
+            # The fields, not str(err): Ray's wrapper of the actor's error prints a whole traceback.
+            raise TrainingDataError(f"{bad.path}, line {bad.line}: {bad.reason} (--on-bad-line error)") from None
+
+    def _no_data(self) -> None:
+        skipped = sum(self.skipped_lines.values())
+        examples = "; ".join(n.removeprefix("skipped a bad line: ") for n in self.notes_seen[:3])
+        raise TrainingDataError(
+            f"the training files yield no data: {len(self.empty_units)} of {self.files} file(s) read without a "
+            f"single block, {skipped} bad line(s) skipped" + (f" (e.g. {examples})" if examples else "")
+        )
 
     def take(self, n: int) -> Rows:
         while len(self.buffer) < n:
@@ -103,12 +109,16 @@ class DataFeed:
                 unit, block = str(unit), int(block)
                 self.skipped_lines[unit] = max(self.skipped_lines.get(unit, 0), int(skipped))
                 if note:
-                    self.notes += [f"skipped a bad line: {where}" for where in json.loads(note)]
+                    new = [f"skipped a bad line: {where}" for where in json.loads(note)]
+                    self.notes += new
+                    self.notes_seen += new
                 if block < 0:  # the marker row of a file without a single block
                     if unit not in self.consumed.done:
                         self.consumed.add_empty(unit)
                         self.empty_units.append(unit)
                         self.notes.append(f"training unit {unit} yields no block ({int(skipped)} bad line(s))")
+                        if len(self.empty_units) >= self.files and self.consumed.blocks + len(self.buffer) == 0:
+                            self._no_data()  # a whole epoch and not one block: the next would be the same
                     continue
                 if self.consumed.contains(unit, block):
                     continue
@@ -277,7 +287,8 @@ class WorkerLoop:
             seed=cfg.seed, epochs=self.rt["epochs"], consumed=self.state.consumed, on_bad_line=cfg.on_bad_line,
             data_cpus=cfg.data_cpus, buffer_mb=cfg.data_buffer_mb,
         )
-        return DataFeed(dataset, self.state.consumed, batch_rows=min(cfg.global_batch_size, 256))  # type: ignore[type-var]
+        return DataFeed(dataset, self.state.consumed, batch_rows=min(cfg.global_batch_size, 256),  # type: ignore[type-var]
+                        files=len(self.rt["source"].train))
 
     def load_validation(self) -> torch.Tensor:
         import ray
