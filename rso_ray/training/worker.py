@@ -10,7 +10,7 @@ rows [offset_i, offset_i + share_i), where share_i = G // W (+1 for the first G 
 scaled so that DDP's average is the exact mean over the G sequences. So step k trains on the same G
 blocks whatever the number of workers, the data position has one owner (rank 0's record, saved in each
 checkpoint), and a restart with the same number of workers repeats the uninterrupted run bit for bit.
-The broadcast costs G x seq_len token ids per step (512 KiB for 512 x 256), far below the gradients.
+The broadcast costs G x seq_len int32 token ids per step (512 KiB for 512 x 256), far below the gradients.
 
 Rank 0 logs to MLflow, prints progress and writes checkpoints (rso_ray.training.checkpoint) into the run
 folder; ``ray.train.report`` is called by every rank at the same steps (it is a barrier) with metrics only.
@@ -324,14 +324,15 @@ class WorkerLoop:
             if self.rank == 0:
                 self.finish_attempt("data_error", f"training data: {message}")
             raise StopRun(message)
+        # int32 on the wire (the pipeline's dtype), widened for the embedding afterwards.
         if self.rank == 0:
             assert rows is not None
-            ids = torch.from_numpy(rows.ids).to(self.device, dtype=torch.long)
+            ids = torch.from_numpy(rows.ids).to(self.device, dtype=torch.int32)
         else:
-            ids = torch.empty((g, seq), dtype=torch.long, device=self.device)  # type: ignore[arg-type]
+            ids = torch.empty((g, seq), dtype=torch.int32, device=self.device)  # type: ignore[arg-type]
         if not _single_process():
             dist.broadcast(ids, src=0)
-        return ids[self.offset : self.offset + sum(self.micro)], rows
+        return ids[self.offset : self.offset + sum(self.micro)].long(), rows
 
     def evaluate(self, val: torch.Tensor) -> EvalResult:
         """Distributed evaluation: worker i takes blocks i, i + W, ...; sums are all-reduced."""
