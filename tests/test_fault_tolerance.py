@@ -29,16 +29,6 @@ BASE = dict(model="llama-micro", steps=16, global_batch_size=8, micro_batch_size
             log_every=4, eval_every=16, eval_tokens=4096, lr=3e-3, max_failures=6, keep_checkpoints=2)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
-    yield
-    ray.shutdown()
-
-
 def _config(tmp: Path, **overrides) -> TrainConfig:
     values = dict(BASE, storage_path=str(tmp / "runs"), mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
                   run_name="run")

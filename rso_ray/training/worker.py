@@ -233,6 +233,7 @@ class WorkerLoop:
         self.method: TrainingMethod = build_method(self.model, cfg.method_config())
         if path is not None:
             self.restore(path)
+        self.trainable_bytes = trainable_bytes(self.model)  # once: what DDP all-reduces per step
         self.ddp: nn.Module = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -477,7 +478,7 @@ class WorkerLoop:
             "train/workers": float(self.world),
             "train/merges": float(st.merges),
             "comm/bytes_per_step": float(self.comm_bytes),
-            "comm/trainable_bytes": float(trainable_bytes(self.model)),
+            "comm/trainable_bytes": float(self.trainable_bytes),
             "comm/bytes_per_step_vs_adamw_llama_1b": float(self.rt["llama_1b_comm_ratio"]),
         }
         if self.feed is not None:
