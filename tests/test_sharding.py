@@ -29,6 +29,7 @@ from rso_ray.training.checkpoint import (
     STATE_FILE,
     TRAIN_STATE_FILE,
     load_checkpoint,
+    read_model_weights,
     read_state,
     write_checkpoint,
     write_sharded_checkpoint,
@@ -259,6 +260,10 @@ def test_sharded_checkpoint_reloads_on_other_world_sizes(name: str, tmp_path: An
     files = set(json.loads((tmp_path / "checkpoint_00000004" / COMPLETE_FILE).read_text())["files"])
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", TRAIN_STATE_FILE, STATE_FILE} <= files
     assert MODEL_FILE not in files  # nothing gathered on one rank
+    # Export reads the shards in one process (no process group) into whole tensors.
+    whole = read_model_weights(folder, state)
+    assert sorted(whole) == sorted(n for n in written["state"] if "/" not in n and n != "step")
+    assert all(torch.equal(v, written["state"][k]) for k, v in whole.items())
     # Same world size: the continuation repeats the uninterrupted run bit for bit.
     again = run_ranks(2, _load_and_continue, name, folder)[0]
     _assert_same_state(again["state"], written["state"])

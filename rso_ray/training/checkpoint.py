@@ -242,6 +242,24 @@ def _load_dcp(d: Path, model: nn.Module, method: TrainingMethod) -> dict[str, An
     return train_state
 
 
+def read_model_weights(directory: str | os.PathLike[str], state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The whole model state dict of a local checkpoint folder, from model.pt or from DCP shards (read
+    in this process, no process group: e.g. for export)."""
+    d = Path(directory)
+    if state.get("format") != "dcp":
+        # mmap: tensors are read as they are copied, never all held twice.
+        return dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True))
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(d)
+    meta = reader.read_metadata().state_dict_metadata
+    model = {key.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             for key, m in meta.items() if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return model
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
