@@ -25,6 +25,7 @@ from .core.projection import PROJECTIONS
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 USE_GPU = ("auto", "true", "false")
+PARALLELISMS = ("ddp", "fsdp")
 EXPORT_HF = ("none", "folder", "mlflow")
 
 
@@ -84,6 +85,12 @@ class TrainConfig:
     workers: str = field(default="1", metadata=_help(
         "training workers: a number, or min:max for elastic training (e.g. 2:8)"))
     use_gpu: str = field(default="auto", metadata=_help("auto (GPUs if the cluster has any), true, false"))
+    parallelism: str = field(default="ddp", metadata=_help(
+        "ddp (default): every worker holds the whole model, gradients of the trainable parameters are "
+        "all-reduced; fsdp: weights, gradients and optimizer states sharded over the workers (torch FSDP2, per "
+        "decoder block), for models that do not fit one device (llama-7b on 24 GB GPUs); costs an all-gather of "
+        "the weights per forward and per backward. rso and adamw; checkpoints are sharded and load into any "
+        "number of workers"))
     cpus_per_worker: float | None = field(default=None, metadata=_help(
         "logical CPUs reserved per training worker (default: 1 with GPUs; without, an equal share of the "
         "cluster's CPUs minus one, which is left to the data pipeline)"))
@@ -154,6 +161,12 @@ class TrainConfig:
         _choice("projection", self.projection, PROJECTIONS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("use_gpu", self.use_gpu, USE_GPU)
+        _choice("parallelism", self.parallelism, PARALLELISMS)
+        if self.parallelism == "fsdp" and self.optimizer == "galore":
+            raise ValueError(
+                "--parallelism fsdp does not run galore yet (its SVD needs each layer's whole gradient, which FSDP "
+                "holds in row shards): use --parallelism ddp for galore"
+            )
         _choice("on_bad_line", self.on_bad_line, ("skip", "error"))
         _choice("export_hf", self.export_hf, EXPORT_HF)
         if self.init_from is not None and (not self.init_from.strip() or "://" in self.init_from):

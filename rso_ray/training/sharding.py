@@ -37,8 +37,6 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGath
 from ..core.methods import MethodConfig, RSOMethod, TrainingMethod, build_method
 from ..core.rso import apply_rso
 
-PARALLELISMS: tuple[str, ...] = ("ddp", "fsdp")
-
 
 def fsdp_supported() -> bool:
     return dist.is_available()
