@@ -283,3 +283,50 @@ def test_whole_checkpoint_loads_into_sharded_model(tmp_path: Any) -> None:
     resumed = run_ranks(2, _load_and_continue, "rso", folder)[0]
     _assert_same_state(resumed["state"], written["state"])
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(written["losses"]), rtol=2e-6, atol=0.0)
+
+
+# -- memory: the sharded part shrinks as 1/N, measured and on paper -------------------------------------
+
+def _local_bytes(rank: int, world: int, name: str) -> dict[str, int]:
+    """Bytes this rank's tensors hold after one step: its shards of weights, gradients, optimizer states."""
+    from rso_ray.core.memory import unique_bytes
+
+    model, method = _setup(world, name, 4)
+    ids = batches(1)[0]
+    share = GLOBAL_BATCH // world
+    mine = ids[rank * share : (rank + 1) * share]
+    method.zero_grad()
+    (model(mine, labels=mine).loss * share * world / GLOBAL_BATCH).backward()
+    grads = unique_bytes(_local(p.grad) for p in model.parameters() if p.grad is not None)
+    method.step()
+    return {"parameters": unique_bytes(_local(p) for p in model.parameters()), "gradients": grads,
+            "optimizer_states": unique_bytes(_local(t) for t in method.optimizer_state_tensors())}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@pytest.mark.parametrize("name", ["rso", "adamw"])
+def test_sharded_memory_shrinks_as_one_over_n(name: str) -> None:
+    from rso_ray.memory import fsdp_per_worker
+
+    paper = fsdp_per_worker("llama-micro", name, rank=8, batch_size=2, seq_len=SEQ, workers=[1, 2, 4])
+    one = _local_bytes(0, 1, name)
+    for world in (2, 4):
+        for got in run_ranks(world, _local_bytes, name):
+            for key, full in one.items():
+                # Each tensor is split into world row chunks; padding adds at most one row per tensor
+                # (llama-micro's rows are 64 wide: under 1 KiB a tensor), so within 2% of full / world.
+                assert abs(got[key] - full / world) <= 0.02 * full / world, (world, key, got[key], full)
+                assert abs(getattr(paper[world], key) - got[key]) <= 0.02 * got[key], (world, key)
+    print(f"\n{name}: one worker {one}; the tool's prediction for 4: {paper[4].as_dict()}")
+
+
+def test_memory_cli_fsdp(capsys: Any) -> None:
+    from rso_ray.memory import main
+
+    assert main(["--model", "llama-micro", "--rank", "8", "--batch-size", "2", "--seq-len", "16",
+                 "--methods", "rso", "adamw", "--parallelism", "fsdp", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "total per worker" in out and "fewest 21.5 GiB workers" in out
