@@ -81,6 +81,10 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("seed of the initialization, the data order and the subspaces"))
     max_nonfinite: int = field(default=5, metadata=_help(
         "stop the run after this many non-finite steps in a row (each one drops the subspace)"))
+    activation_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute each decoder block's activations in backward instead of keeping them (torchtitan's per-block "
+        "checkpointing; the bare flag means true): a block keeps only its input, for one more forward per "
+        "step; RSO layers still keep only Y P inside the recomputed block (default false)", const=True))
     # -- cluster -----------------------------------------------------------------------------------
     workers: str = field(default="1", metadata=_help(
         "training workers: a number, or min:max for elastic training (e.g. 2:8)"))
@@ -162,6 +166,8 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("use_gpu", self.use_gpu, USE_GPU)
         _choice("parallelism", self.parallelism, PARALLELISMS)
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"--activation-checkpointing must be true or false, got {self.activation_checkpointing!r}")
         if self.parallelism == "fsdp" and self.optimizer == "galore":
             raise ValueError(
                 "--parallelism fsdp does not run galore yet (its SVD needs each layer's whole gradient, which FSDP "
@@ -397,6 +403,8 @@ def _convert(name: str, value: Any, *, source: str) -> Any:
         if tp is bool:
             if isinstance(value, bool):
                 return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
             raise TypeError
         if tp is int:
             if isinstance(value, bool):
@@ -517,7 +525,9 @@ def _init_from_defaults(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _parse_cli_scalar(raw: str) -> Any:
+def _parse_cli_scalar(raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw  # the const of a bare flag
     low = raw.lower()
     if low in ("inf", "infinity"):
         return math.inf

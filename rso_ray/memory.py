@@ -48,13 +48,20 @@ def measure_methods(
     projection: str = "haar",
     num_layers: int | None = None,
     seed: int = 0,
+    activation_checkpointing: bool = False,
 ) -> dict[str, MemoryBreakdown]:
-    """One measured step per method on the same model shapes and the same batch."""
+    """One measured step per method on the same model shapes and the same batch (with per-block
+    activation checkpointing if asked: activations are then what the forward keeps, the block inputs;
+    one block's activations are rebuilt at a time in backward, see ``peak_block_recompute``)."""
     out: dict[str, MemoryBreakdown] = {}
     for name in methods:
         model = build_model(model_name, num_layers=num_layers, device=device, dtype=dtype, seed=seed)
         vocab = model_config(model_name).vocab_size if not model_name.startswith("hf:") else model.config.vocab_size
         method = build_method(model, MethodConfig(name=name, rank=rank, projection=projection, total_steps=10))
+        if activation_checkpointing:
+            from .training.sharding import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
         if device == "meta":
             ids = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
         else:
@@ -139,7 +146,7 @@ SHARDED_ROWS: list[tuple[str, str]] = [
     ("optimizer states (shard)", "optimizer_states"),
     ("all-gathered parameters", "gathered_parameters"),
     ("unsharded gradients", "unsharded_gradients"),
-    ("activations (bf16)", "activations"),
+    ("activations (bf16, peak)", "activations"),
     ("total per worker", "total"),
 ]
 
@@ -207,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="parameter and activation dtype (default bfloat16, as the paper's table)")
     p.add_argument("--layers", type=int, default=None, help="use only this many blocks of the model's shapes")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in backward (as --activation-checkpointing in training): the "
+                   "activations row then counts what the forward keeps")
     p.add_argument("--parallelism", default="ddp", choices=["ddp", "fsdp"],
                    help="ddp (default): the whole step on one worker; fsdp: what one of --workers FSDP workers holds "
                    "under bf16-mixed training (fp32 masters, bf16 activations), and the fewest workers that fit")
@@ -236,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=DTYPES[args.dtype],
             projection=args.projection,
             num_layers=args.layers,
+            activation_checkpointing=args.activation_checkpointing,
         )
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     how = "traced on the meta device (exact bytes, nothing allocated)" if args.device == "meta" else f"run on {args.device}"
     print(
         f"One training step of {args.model}: {args.batch_size} x {args.seq_len} tokens, rank {args.rank}, "
-        f"{args.dtype}, {how}\n"
+        f"{args.dtype}, {how}" + (", activation checkpointing" if args.activation_checkpointing else "") + "\n"
     )
     print(report(results))
     if not args.model.startswith("hf:"):
@@ -266,18 +277,26 @@ def _main_fsdp(args: argparse.Namespace) -> int:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
     budget = int(args.gpu_memory_gib * 2**30)
-    bf16 = measure_methods(args.model, methods=args.methods, rank=args.rank, batch_size=args.batch_size,
-                           seq_len=args.seq_len, dtype=torch.bfloat16, projection=args.projection, num_layers=args.layers)
+    kw = dict(methods=args.methods, rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
+              dtype=torch.bfloat16, projection=args.projection, num_layers=args.layers)
+    bf16 = measure_methods(args.model, **kw)  # type: ignore[arg-type]
+    activations = {n: m.activations for n, m in bf16.items()}
+    if args.activation_checkpointing:
+        # Kept by the forward (block inputs), plus one block's activations rebuilt at a time in backward.
+        ac = measure_methods(args.model, activation_checkpointing=True, **kw)  # type: ignore[arg-type]
+        blocks = args.layers or model_config(args.model).num_hidden_layers
+        activations = {n: ac[n].activations + bf16[n].activations_in_blocks // blocks for n in ac}
     results: dict[str, ShardedMemory] = {}
     fewest: dict[str, int | None] = {}
     for name in args.methods:
-        kw = dict(rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len, projection=args.projection,
-                  num_layers=args.layers, activations=bf16[name].activations)
-        per = fsdp_per_worker(args.model, name, workers=sorted({*range(1, 65), args.workers}), **kw)  # type: ignore[arg-type]
+        per = fsdp_per_worker(args.model, name, rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
+                              projection=args.projection, num_layers=args.layers, activations=activations[name],
+                              workers=sorted({*range(1, 65), args.workers}))
         results[name] = per[args.workers]
         fewest[name] = fewest_workers({n: m for n, m in per.items() if n <= 64}, budget)
     print(f"--parallelism fsdp, {args.workers} workers: one worker's memory in a step of {args.model} "
-          f"({args.batch_size} x {args.seq_len} tokens per micro-batch, rank {args.rank}), bf16-mixed, traced on meta\n")
+          f"({args.batch_size} x {args.seq_len} tokens per micro-batch, rank {args.rank}), bf16-mixed, traced on meta"
+          + (", activation checkpointing" if args.activation_checkpointing else "") + "\n")
     print(sharded_report(results, fewest, args.gpu_memory_gib))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,7 @@ STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
 COMPLETE_FILE = "rso_complete.json"
+CHECKPOINT_WRAPPER_SEGMENT = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper, in parameter names
 _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
@@ -95,7 +96,8 @@ def _write_files(folder: Path, model: nn.Module, method: TrainingMethod, state: 
 # -- sharded checkpoints (FSDP): torch.distributed.checkpoint, every rank writes its shards ----------------
 
 def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in unwrap(model).named_parameters()}
+    """Parameter names as in the state dict (activation checkpointing's wrapper segment removed)."""
+    return {id(p): name.replace(CHECKPOINT_WRAPPER_SEGMENT, "") for name, p in unwrap(model).named_parameters()}
 
 
 def _optimizer_tensors(method: TrainingMethod, names: dict[int, str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -406,7 +408,7 @@ def _load_whole(
     if allowed_missing:
         with torch.no_grad():
             for name, p in target.named_parameters():
-                if name in allowed_missing:
+                if name.replace(CHECKPOINT_WRAPPER_SEGMENT, "") in allowed_missing:
                     p.zero_()
     method_state = train_state["method"]
     if any(isinstance(p, DTensor) for p in target.parameters()):

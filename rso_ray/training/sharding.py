@@ -16,6 +16,11 @@ reduce_dtype=fp32)`` over float32 master weights. RSO keeps ``param_dtype`` floa
 would hide every update of a young subspace under half a bf16 ulp of W. So RSO all-gathers 4 bytes per
 weight, the baselines 2.
 
+Activation checkpointing (``--activation-checkpointing``, either parallelism) wraps every decoder block in
+torch's ``checkpoint_wrapper`` (non-reentrant, as torchtitan does) before sharding: a block keeps only its
+input for backward and runs its forward again there; inside the recomputed forward RSO layers save Y P
+(or nothing, for o_proj and down_proj) exactly as without it.
+
 Traffic is measured, not computed: :class:`CommCounter` replaces FSDP's all-gather and reduce-scatter
 by the default ones plus a byte count (the full, unsharded size of each collective's buffer, the same
 convention as the DDP hook's bucket size).
@@ -52,6 +57,18 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
             f"causal LM); {type(model).__name__} has none"
         )
     return list(layers)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Wrap each decoder block of ``model`` (in place) so that its activations are recomputed in backward.
+    Parameters keep their objects (optimizers built before stay valid) and the state dict its keys."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    decoder_blocks(model)  # the same check and error as for FSDP
+    layers = model.model.layers
+    for i, block in enumerate(list(layers)):
+        layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)  # no dropout: nothing random to replay
+    return model
 
 
 def mp_policy(method: str, autocast_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
@@ -131,14 +148,18 @@ def build_sharded_method(
     *,
     autocast_dtype: torch.dtype | None = None,
     counter: CommCounter | None = None,
+    activation_checkpointing: bool = False,
 ) -> TrainingMethod:
-    """RSO layers (if RSO), then FSDP, then the optimizers over the sharded parameters."""
+    """RSO layers (if RSO), activation checkpointing (if asked), then FSDP, then the optimizers over the
+    sharded parameters."""
     if config.name == "galore":
         raise ValueError(
             "--parallelism fsdp does not run GaLore yet: its SVD needs each target's whole gradient, which "
             "FSDP holds in row shards; use --parallelism ddp for GaLore"
         )
     handle = apply_rso(model, config.rso_config()) if config.name == "rso" else None
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
     apply_fsdp(model, method=config.name, autocast_dtype=autocast_dtype, counter=counter)
     if handle is not None:
         handle.resample(0)  # P on the (unchanged) device of the sharded weights

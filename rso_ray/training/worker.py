@@ -55,7 +55,7 @@ from .checkpoint import (
 from .comm import CommCounter, counting_allreduce_hook, trainable_bytes
 from .engine import EvalResult, StepResult, autocast_dtype_for, evaluate, perplexity, train_step
 from .sharding import CommCounter as ShardedCommCounter
-from .sharding import build_sharded_method
+from .sharding import apply_activation_checkpointing, build_sharded_method
 from .tracking import MlflowTracker, NullTracker, Tracker, flatten_params
 
 NOTES_SHOWN = 10  # bad-line examples printed per attempt; the count goes on in the metrics
@@ -245,9 +245,12 @@ class WorkerLoop:
             # RSO layers, then FSDP per block, then the optimizers over the sharded parameters.
             self.fsdp_comm = ShardedCommCounter()
             self.method: TrainingMethod = build_sharded_method(
-                self.model, cfg.method_config(), autocast_dtype=self.autocast, counter=self.fsdp_comm)
+                self.model, cfg.method_config(), autocast_dtype=self.autocast, counter=self.fsdp_comm,
+                activation_checkpointing=cfg.activation_checkpointing)
         else:
             self.method = build_method(self.model, cfg.method_config())
+            if cfg.activation_checkpointing:
+                apply_activation_checkpointing(self.model)  # same parameters: the optimizers stay valid
         if path is not None:
             self.restore(path)
         self.ddp: nn.Module = self.model
