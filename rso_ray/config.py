@@ -93,8 +93,8 @@ class TrainConfig:
         "ddp (default): every worker holds the whole model, gradients of the trainable parameters are "
         "all-reduced; fsdp: weights, gradients and optimizer states sharded over the workers (torch FSDP2, per "
         "decoder block), for models that do not fit one device (llama-7b on 24 GB GPUs); costs an all-gather of "
-        "the weights per forward and per backward. rso and adamw; checkpoints are sharded and load into any "
-        "number of workers"))
+        "the weights per forward and per backward (galore also all-gathers its target gradients); checkpoints are "
+        "sharded and load into any number of workers"))
     cpus_per_worker: float | None = field(default=None, metadata=_help(
         "logical CPUs reserved per training worker (default: 1 with GPUs; without, an equal share of the "
         "cluster's CPUs minus one, which is left to the data pipeline)"))
@@ -168,11 +168,6 @@ class TrainConfig:
         _choice("parallelism", self.parallelism, PARALLELISMS)
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"--activation-checkpointing must be true or false, got {self.activation_checkpointing!r}")
-        if self.parallelism == "fsdp" and self.optimizer == "galore":
-            raise ValueError(
-                "--parallelism fsdp does not run galore yet (its SVD needs each layer's whole gradient, which FSDP "
-                "holds in row shards): use --parallelism ddp for galore"
-            )
         _choice("on_bad_line", self.on_bad_line, ("skip", "error"))
         _choice("export_hf", self.export_hf, EXPORT_HF)
         if self.init_from is not None and (not self.init_from.strip() or "://" in self.init_from):

@@ -90,9 +90,10 @@ def batches(steps: int) -> list[torch.Tensor]:
 
 
 def method_config(name: str, steps: int, projection: str = "haar") -> MethodConfig:
-    # resample_every=3: steps 3 and 6 merge, so the run crosses two subspace boundaries.
+    # resample_every=3: steps 3 and 6 merge, so the run crosses two subspace boundaries (GaLore: refreshes
+    # its projectors at steps 3 and 6).
     return MethodConfig(name=name, rank=8, resample_every=3, total_steps=steps, warmup_steps=1, lr=1e-2,
-                        projection=projection)
+                        projection=projection, galore_update_proj_gap=3)
 
 
 # -- merges on sharded W ------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def _train(rank: int, world: int, name: str, steps: int, micro: int) -> dict[str
     return {"losses": losses, "traffic": traffic}
 
 
-@pytest.mark.parametrize("name", ["rso", "adamw"])
+@pytest.mark.parametrize("name", ["rso", "adamw", "galore"])
 def test_two_rank_fsdp_matches_one_process(name: str) -> None:
     steps = 7
     reference = _train(0, 1, name, steps, micro=GLOBAL_BATCH)["losses"]
@@ -219,8 +220,7 @@ def _full_state(model: Any, method: Any) -> dict[str, torch.Tensor]:
     for i, opt in enumerate(method.optimizers):
         for p, st in opt.state.items():
             for k, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    out[f"opt{i}/{names[id(p)]}/{k}"] = whole(v)
+                out[f"opt{i}/{names[id(p)]}/{k}"] = whole(v) if isinstance(v, torch.Tensor) else torch.tensor(v)
     out["step"] = torch.tensor([method.step_count, getattr(method, "outer_step", 0), getattr(method, "inner_steps", 0)])
     return out
 
@@ -251,7 +251,7 @@ def _assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
         assert torch.equal(got[key], want[key]), key
 
 
-@pytest.mark.parametrize("name", ["rso", "adamw"])
+@pytest.mark.parametrize("name", ["rso", "adamw", "galore"])
 def test_sharded_checkpoint_reloads_on_other_world_sizes(name: str, tmp_path: Any) -> None:
     folder = str(tmp_path / "checkpoint_00000004")
     written = run_ranks(2, _train_and_save, name, folder)[0]
@@ -275,12 +275,14 @@ def test_sharded_checkpoint_reloads_on_other_world_sizes(name: str, tmp_path: An
         torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(written["losses"]), rtol=2e-6, atol=0.0)
 
 
-def test_whole_checkpoint_loads_into_sharded_model(tmp_path: Any) -> None:
-    """A DDP (model.pt) checkpoint of RSO, inside a subspace, continues under 2-rank FSDP."""
+@pytest.mark.parametrize("name", ["rso", "galore"])
+def test_whole_checkpoint_loads_into_sharded_model(name: str, tmp_path: Any) -> None:
+    """A DDP (model.pt) checkpoint (RSO inside a subspace; GaLore with its whole low-rank states) continues
+    under 2-rank FSDP."""
     folder = str(tmp_path / "checkpoint_00000004")
-    written = _train_and_save(0, 1, "rso", folder)
+    written = _train_and_save(0, 1, name, folder)
     assert read_state(folder)["format"] == "torch"
-    resumed = run_ranks(2, _load_and_continue, "rso", folder)[0]
+    resumed = run_ranks(2, _load_and_continue, name, folder)[0]
     _assert_same_state(resumed["state"], written["state"])
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(written["losses"]), rtol=2e-6, atol=0.0)
 

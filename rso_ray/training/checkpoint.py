@@ -219,17 +219,22 @@ def _load_dcp(d: Path, model: nn.Module, method: TrainingMethod) -> dict[str, An
     for i, opt in enumerate(method.optimizers):
         slots: dict[str, dict[str, Any]] = {}
         for g in opt.param_groups:
+            # GaLore's projected parameters keep whole (replicated) low-rank states, never laid out like p.
+            like_param = g.get("rank") is None
             for p in g["params"]:
                 prefix = f"optim.{i}.{names[id(p)]}."
                 for key, meta in saved.items():
                     if not key.startswith(prefix) or "." in key[len(prefix):]:
                         continue
-                    if not isinstance(meta, TensorStorageMetadata):
+                    if not isinstance(meta, TensorStorageMetadata):  # a number (GaLore's step): DCP sets it
+                        slots.setdefault(names[id(p)], {})[key[len(prefix):]] = None
                         continue
-                    if tuple(meta.size) == tuple(p.shape):
+                    if like_param and tuple(meta.size) == tuple(p.shape):
                         t = torch.zeros_like(p, dtype=meta.properties.dtype)
                     else:
-                        t = torch.zeros(tuple(meta.size), dtype=meta.properties.dtype, device=_local(p).device)
+                        # Adam's step counts live on the CPU (unless capturable/fused); other states with p.
+                        where = torch.device("cpu") if len(meta.size) == 0 else _local(p).device
+                        t = torch.zeros(tuple(meta.size), dtype=meta.properties.dtype, device=where)
                     slots.setdefault(names[id(p)], {})[key[len(prefix):]] = t
         optim[str(i)] = slots
     dcp.load({"model": model_sd, "optim": optim}, storage_reader=reader)
@@ -416,8 +421,10 @@ def _load_whole(
         opt_states = []
         for opt, saved in zip(method.optimizers, method_state["optimizers"], strict=False):
             params = [p for g in opt.param_groups for p in g["params"]]
-            per = {j: {k: shard_like(v, params[j]) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                   for j, s in saved["state"].items()}
+            whole = {j for j, p in enumerate(params) for g in opt.param_groups if g.get("rank") is not None
+                     and any(p is q for q in g["params"])}  # GaLore's projected weights: states stay whole
+            per = {j: {k: shard_like(v, params[j]) if isinstance(v, torch.Tensor) and j not in whole else v
+                       for k, v in s.items()} for j, s in saved["state"].items()}
             opt_states.append(dict(saved, state=per))
         method_state = dict(method_state, optimizers=opt_states + method_state["optimizers"][len(opt_states):])
     method.load_state_dict(method_state)  # optimizers move their state to the parameters' device

@@ -10,6 +10,12 @@ W <- W + B^T P^T is done by each rank on its own rows (RSOLinear.merge), with no
 Build order matters: fully_shard replaces the parameters by new DTensor parameters, so RSO layers are
 applied *before* sharding and the optimizers are built *after* (see :func:`build_sharded_method`).
 
+GaLore needs each target's whole gradient for its SVD and its projection: under FSDP every rank
+all-gathers the target gradients (rows x cols, float32) in its optimizer step, keeps the same low-rank
+moments and projector (replicated: they are small) and applies its own rows of the update. That
+all-gather goes through DTensor, not FSDP's collectives, so the counter below does not see it: it costs
+the target gradients' bytes per step, as DDP's all-reduce of them would.
+
 Mixed precision (bf16-mixed): AdamW and GaLore use torchtitan's ``MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)`` over float32 master weights. RSO keeps ``param_dtype`` float32: its forward forms
 ``W + B^T P^T`` in float32 and rounds once to bf16 (core/layer.py effective_weight); W all-gathered in bf16
@@ -152,11 +158,6 @@ def build_sharded_method(
 ) -> TrainingMethod:
     """RSO layers (if RSO), activation checkpointing (if asked), then FSDP, then the optimizers over the
     sharded parameters."""
-    if config.name == "galore":
-        raise ValueError(
-            "--parallelism fsdp does not run GaLore yet: its SVD needs each target's whole gradient, which "
-            "FSDP holds in row shards; use --parallelism ddp for GaLore"
-        )
     handle = apply_rso(model, config.rso_config()) if config.name == "rso" else None
     if activation_checkpointing:
         apply_activation_checkpointing(model)
