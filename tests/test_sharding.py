@@ -419,3 +419,33 @@ def test_bf16_mixed_under_fsdp() -> None:
             # the 20% the loss falls over these steps.
             torch.testing.assert_close(torch.tensor(got), torch.tensor(reference), rtol=1e-2, atol=0.0)
         assert got[-1] < 0.85 * got[0]
+
+
+def _load_whole_model(rank: int, world: int, name: str, folder: str) -> dict[str, torch.Tensor]:
+    """A DDP worker's load: whole model and optimizer on every rank, process group up, no FSDP."""
+    model, method = _setup(1, name, TOTAL)
+    load_checkpoint(folder, model=model, method=method)
+    return _full_state(model, method)
+
+
+def test_sharded_checkpoint_loads_into_ddp_workers(tmp_path: Any) -> None:
+    """An FSDP checkpoint resumed by a --parallelism ddp run of 2 workers: each holds everything."""
+    folder = str(tmp_path / "checkpoint_00000004")
+    written = run_ranks(2, _train_and_save, "rso", folder)[0]
+    for loaded in run_ranks(2, _load_whole_model, "rso", folder):
+        _assert_same_state(loaded, written["state"])
+
+
+def test_sweep_files_take_the_sharding_options(tmp_path: Any) -> None:
+    from rso_ray.tuning.spec import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("name: t\nbase:\n  model: llama-micro\n  parallelism: fsdp\n  activation_checkpointing: true\n"
+                    "  steps: 8\nsearch_space:\n  optimizer: {grid: [rso, adamw, galore]}\nnum_samples: 1\n"
+                    "resources: {workers: 2}\n")
+    spec = load_sweep(path)
+    cfg = spec.base_config()
+    assert cfg.parallelism == "fsdp" and cfg.activation_checkpointing is True
+    path.write_text(path.read_text().replace("parallelism: fsdp", "parallelism: zero3"))
+    with pytest.raises(Exception, match="parallelism"):
+        load_sweep(path)
