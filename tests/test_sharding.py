@@ -449,3 +449,13 @@ def test_sweep_files_take_the_sharding_options(tmp_path: Any) -> None:
     path.write_text(path.read_text().replace("parallelism: fsdp", "parallelism: zero3"))
     with pytest.raises(Exception, match="parallelism"):
         load_sweep(path)
+
+
+@pytest.mark.parametrize("name", ["rso", "adamw"])
+def test_saved_bytes_under_fsdp_count_activations_not_gathered_weights(name: str) -> None:
+    """The activation figure the workers log: under FSDP the all-gathered weights autograd keeps a
+    reference to are weights, not activations; each rank's half batch saves half the activations."""
+    plain = _train_ac(0, 1, name, 1, False)["saved"]
+    sharded = run_ranks(2, _train_ac, name, 1, False)[0]["saved"]
+    # Only the rotary tables (cos and sin, 16 x 16 float32 each) do not scale with the batch.
+    assert abs(sharded - plain / 2) <= 2 * 16 * 16 * 4, (sharded, plain)
