@@ -25,6 +25,7 @@ from .core.projection import PROJECTIONS
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 USE_GPU = ("auto", "true", "false")
+PARALLELISMS = ("ddp", "fsdp")
 EXPORT_HF = ("none", "folder", "mlflow")
 
 
@@ -80,10 +81,20 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("seed of the initialization, the data order and the subspaces"))
     max_nonfinite: int = field(default=5, metadata=_help(
         "stop the run after this many non-finite steps in a row (each one drops the subspace)"))
+    activation_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute each decoder block's activations in backward instead of keeping them (torchtitan's per-block "
+        "checkpointing; the bare flag means true): a block keeps only its input, for one more forward per "
+        "step; RSO layers still keep only Y P inside the recomputed block (default false)", const=True))
     # -- cluster -----------------------------------------------------------------------------------
     workers: str = field(default="1", metadata=_help(
         "training workers: a number, or min:max for elastic training (e.g. 2:8)"))
     use_gpu: str = field(default="auto", metadata=_help("auto (GPUs if the cluster has any), true, false"))
+    parallelism: str = field(default="ddp", metadata=_help(
+        "ddp (default): every worker holds the whole model, gradients of the trainable parameters are "
+        "all-reduced; fsdp: weights, gradients and optimizer states sharded over the workers (torch FSDP2, per "
+        "decoder block), for models that do not fit one device (llama-7b on 24 GB GPUs); costs an all-gather of "
+        "the weights per forward and per backward (galore also all-gathers its target gradients); checkpoints are "
+        "sharded and load into any number of workers"))
     cpus_per_worker: float | None = field(default=None, metadata=_help(
         "logical CPUs reserved per training worker (default: 1 with GPUs; without, an equal share of the "
         "cluster's CPUs minus one, which is left to the data pipeline)"))
@@ -154,6 +165,9 @@ class TrainConfig:
         _choice("projection", self.projection, PROJECTIONS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("use_gpu", self.use_gpu, USE_GPU)
+        _choice("parallelism", self.parallelism, PARALLELISMS)
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"--activation-checkpointing must be true or false, got {self.activation_checkpointing!r}")
         _choice("on_bad_line", self.on_bad_line, ("skip", "error"))
         _choice("export_hf", self.export_hf, EXPORT_HF)
         if self.init_from is not None and (not self.init_from.strip() or "://" in self.init_from):
@@ -384,6 +398,8 @@ def _convert(name: str, value: Any, *, source: str) -> Any:
         if tp is bool:
             if isinstance(value, bool):
                 return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
             raise TypeError
         if tp is int:
             if isinstance(value, bool):
@@ -504,7 +520,9 @@ def _init_from_defaults(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _parse_cli_scalar(raw: str) -> Any:
+def _parse_cli_scalar(raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw  # the const of a bare flag
     low = raw.lower()
     if low in ("inf", "infinity"):
         return math.inf

@@ -29,11 +29,11 @@ from .config import TrainConfig
 from .models.hf_io import DEFAULT_MAX_SHARD, parse_size, save_hf_folder
 from .training.checkpoint import (
     COMPLETE_FILE,
-    MODEL_FILE,
     STATE_FILE,
     TRAIN_STATE_FILE,
     is_complete,
     latest_checkpoint,
+    read_model_weights,
     read_state,
 )
 
@@ -71,8 +71,7 @@ def load_merged_model(checkpoint: str | os.PathLike[str]) -> tuple[nn.Module, Tr
     d = Path(checkpoint)
     state = read_state(d)
     cfg = run_config(state)
-    # mmap: tensors are read as they are copied, never all held twice.
-    weights = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True)
+    weights = read_model_weights(d, state)  # model.pt, or the shards of an FSDP run
     vocab = next((v.shape[0] for k, v in weights.items() if k.endswith("embed_tokens.weight")), None)
     model = build_model(cfg.model, vocab_size=vocab, seed=cfg.seed)
     b_weights = {k: v for k, v in weights.items() if k.endswith(".rso_B")}

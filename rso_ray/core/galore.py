@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
+
+from .layer import sharded_rows
 
 
 @dataclass(kw_only=True)
@@ -92,7 +95,14 @@ class GaLoreAdamW(Optimizer):
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
+                rows: range | None = None
                 if rank is not None and grad.dim() == 2:
+                    if isinstance(grad, DTensor):
+                        # FSDP: the SVD and the projection need the whole gradient. Every rank gathers it and
+                        # computes the same projector and low-rank moments (replicated, not sharded: they
+                        # are r x cols or rows x r); each then applies its own rows of the update.
+                        rows = sharded_rows(p)[1]
+                        grad = grad.full_tensor()
                     if "ortho" not in state or state["step"] % group["update_proj_gap"] == 0:
                         state["ortho"] = galore_projector(grad, rank)
                     grad = project(grad, state["ortho"])
@@ -108,7 +118,10 @@ class GaLoreAdamW(Optimizer):
                 update = exp_avg / denom
                 if rank is not None and p.dim() == 2:
                     update = project_back(update, state["ortho"], p.shape) * group["scale"]
-                p.add_(update, alpha=-step_size)
+                if rows is not None:
+                    sharded_rows(p)[0].add_(update[rows.start : rows.stop], alpha=-step_size)
+                else:
+                    p.add_(update, alpha=-step_size)
                 if group["weight_decay"] > 0.0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss

@@ -32,8 +32,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from .projection import Projection, sample_projection
+
+
+def sharded_rows(w: DTensor) -> tuple[torch.Tensor, range]:
+    """The local shard of a DTensor sharded on dim 0 (FSDP2's layout) and the global rows it holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(not isinstance(p, Shard) or p.dim != 0 for p in w.placements):
+        raise ValueError(f"expected a weight sharded on dim 0 (FSDP), got placements {w.placements}")
+    local = w.to_local()
+    shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+    if tuple(local.shape) != tuple(shape):
+        raise ValueError(f"local shard of shape {tuple(local.shape)} does not match the expected {tuple(shape)}")
+    return local, range(offset[0], offset[0] + shape[0])
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -307,17 +321,27 @@ class RSOLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + P B (i.e. X <- X + P B in the paper's layout), then B <- 0. Exact in W's dtype."""
+        """W <- W + P B (i.e. X <- X + P B in the paper's layout), then B <- 0. Exact in W's dtype.
+
+        Under FSDP (W and B sharded DTensors, outside forward) each rank updates its own rows of W with the
+        matching columns of B: no communication for W, one all-gather of the small B (r x n); the rows get
+        the same float32 result as an unsharded merge (tests/test_sharding.py checks it bit for bit)."""
         w = self.base_layer.weight
+        b = self.rso_B
+        if isinstance(w, DTensor):
+            w, rows = sharded_rows(w)  # this rank's rows [start, stop) of W, as a plain tensor
+            b_full = b.full_tensor() if isinstance(b, DTensor) else b  # (r, n): small, gathered whole
+            bt = b_full.to(w.dtype)[:, rows.start : rows.stop].t()  # (n_local, r)
+        else:
+            bt = b.to(w.dtype).t()  # (n, r)
         proj = self.group.on_device(w.device)
-        bt = self.rso_B.to(w.dtype).t()  # (n, r)
         if proj.kind == "coordinate":
             assert proj.index is not None
             w.index_add_(1, proj.index, bt, alpha=proj.scale)
         else:
             assert proj.matrix is not None
             w.addmm_(bt, proj.matrix.to(w.dtype).t())
-        self.rso_B.zero_()
+        b.zero_()
 
     def extra_repr(self) -> str:
         return (

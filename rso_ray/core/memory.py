@@ -70,7 +70,9 @@ class SavedTensorCounter:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = storage_key(t)
-        if key not in self.excluded:
+        # A Parameter not among the model's (FSDP's all-gathered weights, freed again after the block) is a
+        # weight, not an activation.
+        if key not in self.excluded and not isinstance(t, nn.Parameter):
             nbytes = t.untyped_storage().nbytes()
             self.total[key] = nbytes
             if self._depth > 0:
@@ -79,8 +81,11 @@ class SavedTensorCounter:
 
     @contextlib.contextmanager
     def track(self) -> Iterator[SavedTensorCounter]:
-        def enter(*_: Any) -> None:
+        def enter(block: nn.Module, *_: Any) -> None:
             self._depth += 1
+            # Under FSDP the block's weights were just all-gathered into new tensors (its pre-forward hook
+            # ran before this one): weights, not activations, however autograd saves them (views too).
+            self.excluded.update(storage_key(p) for p in block.parameters())
 
         def leave(*_: Any) -> None:
             self._depth -= 1

@@ -1,7 +1,8 @@
 """One optimizer step over micro-batches, and evaluation: the torch-only heart of every training loop
 (the Ray Train worker in rso_ray.training.worker, the benchmarks and the tests all call these).
 
-A step accumulates gradients over micro-batches (DDP's ``no_sync`` on all but the last), checks that the
+A step accumulates gradients over micro-batches (DDP's ``no_sync``, or FSDP2's
+``set_requires_gradient_sync(False)``, on all but the last), checks that the
 reduced gradients are finite -- the same verdict on every worker, since DDP already averaged them, so no
 extra collective is needed -- clips, and lets the method step. A non-finite gradient skips the step:
 RSO drops B and resamples (W untouched), the baselines drop the gradients.
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..core.methods import TrainingMethod
 
@@ -53,6 +55,10 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
 
 
 def _no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:
+    if isinstance(model, FSDPModule):
+        # FSDP2 has no no_sync(): gradients of all but the last micro-batch accumulate unreduced.
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     if not last and hasattr(model, "no_sync"):
         return model.no_sync()  # type: ignore[no-any-return,operator]
     return contextlib.nullcontext()

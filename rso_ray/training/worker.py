@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..config import TEST_OPTIONS, TrainConfig, parse_fault_plan
 from ..console import human_bytes, human_duration
@@ -42,9 +43,19 @@ from ..data.pipeline import ConsumedBlocks, TrainingDataError, build_train_datas
 from ..models import build_model
 from ..models.hf_io import load_pretrained
 from . import storage
-from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, prune, unwrap, write_checkpoint
+from .checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    prune,
+    unwrap,
+    write_checkpoint,
+    write_sharded_checkpoint,
+)
 from .comm import CommCounter, counting_allreduce_hook, trainable_bytes
 from .engine import EvalResult, StepResult, autocast_dtype_for, evaluate, perplexity, train_step
+from .sharding import CommCounter as ShardedCommCounter
+from .sharding import apply_activation_checkpointing, build_sharded_method
 from .tracking import MlflowTracker, NullTracker, Tracker, flatten_params
 
 NOTES_SHOWN = 10  # bad-line examples printed per attempt; the count goes on in the metrics
@@ -187,6 +198,10 @@ def _broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def weights_checksum(model: nn.Module, device: torch.device) -> torch.Tensor:
     """Per-parameter float64 sums: equal on every worker iff their weights agree (up to a collision)."""
     return torch.stack([p.detach().double().sum() for p in unwrap(model).parameters()]).to(device)
@@ -216,6 +231,11 @@ class WorkerLoop:
         self.micro = split_share(cfg.global_batch_size, self.world, self.rank, cfg.micro_batch_size)  # type: ignore[arg-type]
         self.offset = share_offset(cfg.global_batch_size, self.world, self.rank)  # type: ignore[arg-type]
 
+    @property
+    def sharded(self) -> bool:
+        """--parallelism fsdp: parameters, gradients and optimizer states sharded over the workers."""
+        return self.cfg.parallelism == "fsdp"
+
     def say(self, message: str) -> None:
         if self.rank == 0:
             print(f"[rso_ray] {message}", flush=True)
@@ -230,12 +250,22 @@ class WorkerLoop:
         if path is None and cfg.init_from:
             # Into the plain model, before the method wraps its target layers (names as in transformers).
             load_pretrained(self.model, cfg.init_from)
-        self.method: TrainingMethod = build_method(self.model, cfg.method_config())
+        self.fsdp_comm: ShardedCommCounter | None = None
+        if self.sharded:
+            # RSO layers, then FSDP per block, then the optimizers over the sharded parameters.
+            self.fsdp_comm = ShardedCommCounter()
+            self.method: TrainingMethod = build_sharded_method(
+                self.model, cfg.method_config(), autocast_dtype=self.autocast, counter=self.fsdp_comm,
+                activation_checkpointing=cfg.activation_checkpointing)
+        else:
+            self.method = build_method(self.model, cfg.method_config())
+            if cfg.activation_checkpointing:
+                apply_activation_checkpointing(self.model)  # same parameters: the optimizers stay valid
         if path is not None:
             self.restore(path)
         self.trainable_bytes = trainable_bytes(self.model)  # once: what DDP all-reduces per step
         self.ddp: nn.Module = self.model
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -338,8 +368,15 @@ class WorkerLoop:
     def evaluate(self, val: torch.Tensor) -> EvalResult:
         """Distributed evaluation: worker i takes blocks i, i + W, ...; sums are all-reduced."""
         mine = val[self.rank :: self.world]
-        local = evaluate(self.model, mine, batch_size=self.cfg.micro_batch_size or 8, device=self.device,
+        batch = self.cfg.micro_batch_size or 8
+        local = evaluate(self.model, mine, batch_size=batch, device=self.device,
                          autocast_dtype=self.autocast) if len(mine) else EvalResult(0.0, 0)
+        if self.sharded:
+            # Every FSDP forward is a collective (the all-gathers): a worker with one batch fewer than the
+            # others runs a forward whose result it drops, or the others would wait for it forever.
+            most = math.ceil(math.ceil(len(val) / self.world) / batch)
+            for _ in range(most - math.ceil(len(mine) / batch)):
+                evaluate(self.model, val[:1], batch_size=1, device=self.device, autocast_dtype=self.autocast)
         total, count = _all_reduce_sum([local.loss * local.tokens, float(local.tokens)], self.device)
         return EvalResult(loss=total / max(count, 1.0), tokens=int(count))
 
@@ -349,21 +386,30 @@ class WorkerLoop:
         import ray.train
 
         cfg, st = self.cfg, self.state
-        sums = _all_gather(weights_checksum(self.model, self.device).cpu())
-        in_sync = all(torch.equal(sums[0], s) for s in sums)
+        extra: dict[str, float] = {}
+        if not self.sharded:  # FSDP ranks hold different shards by design: nothing to compare
+            sums = _all_gather(weights_checksum(self.model, self.device).cpu())
+            extra["weights_in_sync"] = float(all(torch.equal(sums[0], s) for s in sums))
+        state: dict[str, Any] = {}
+        crash = None
         if self.rank == 0:
             assert self.feed is not None
             state = {
                 "step": st.step, "tokens": st.tokens, "wall_time": st.wall_time, "merges": st.merges,
                 "nonfinite_total": st.nonfinite_total, "last_eval": st.last_eval, "world_size": self.world,
+                "parallelism": cfg.parallelism,
                 "mlflow_run_id": self.rt["mlflow_run_id"], "data_fingerprint": self.rt["data_fingerprint"],
                 "data": {"consumed": self.feed.consumed.to_json()}, "config": cfg.to_dict(),
             }
             crash = (lambda _: self.fault("checkpoint")) if self.fault_due("checkpoint") else None
-            path = storage.join(self.rt["run_dir"], checkpoint_name(st.step))
+        path = storage.join(self.rt["run_dir"], checkpoint_name(st.step))
+        if self.sharded:  # every rank writes its shards; rank 0 the rest and the marker
+            write_sharded_checkpoint(path, model=self.model, method=self.method, state=state, before_finish=crash)
+        elif self.rank == 0:
             write_checkpoint(path, model=self.model, method=self.method, state=state, before_finish=crash)
+        if self.rank == 0:
             prune(self.rt["run_dir"], cfg.keep_checkpoints)
-        ray.train.report(dict(metrics, weights_in_sync=float(in_sync)))
+        ray.train.report(dict(metrics, **extra))
         if self.fault_due("report"):
             self.fault("report")
 
@@ -431,6 +477,8 @@ class WorkerLoop:
         weights = [m * self.world / cfg.global_batch_size for m in self.micro]  # type: ignore[operator]
         counter = SavedTensorCounter(self.model) if (not self.memory and self.rank == 0) else None
         poisoned = cfg.nan_loss_from_step is not None and st.step + 1 >= cfg.nan_loss_from_step
+        if self.fsdp_comm is not None:
+            self.fsdp_comm.take()  # drop the evaluation's all-gathers: count this step's traffic only
         result = train_step(
             self.ddp, self.method, chunks, max_grad_norm=cfg.max_grad_norm, autocast_dtype=self.autocast,
             loss_weights=[math.nan] * len(weights) if poisoned else weights,
@@ -439,7 +487,10 @@ class WorkerLoop:
         if rows is not None:
             assert self.feed is not None
             self.feed.commit(rows)  # trained on (or skipped as non-finite): consumed either way
-        self.comm_bytes = self.comm.take() if self.comm else 0  # this step's all-reduced bytes
+        self.comm_bytes = self.comm.take() if self.comm else 0  # this step's all-reduced bytes (DDP)
+        self.gather_bytes = 0
+        if self.fsdp_comm is not None:  # FSDP: gradients reduce-scattered, weights all-gathered
+            self.gather_bytes, self.comm_bytes = self.fsdp_comm.take()
         if counter is not None:
             self.memory = self.measure_memory(counter)
         st.tokens += cfg.global_batch_size * cfg.seq_len  # type: ignore[operator]
@@ -478,6 +529,7 @@ class WorkerLoop:
             "train/workers": float(self.world),
             "train/merges": float(st.merges),
             "comm/bytes_per_step": float(self.comm_bytes),
+            "comm/all_gather_bytes_per_step": float(self.gather_bytes),
             "comm/trainable_bytes": float(self.trainable_bytes),
             "comm/bytes_per_step_vs_adamw_llama_1b": float(self.rt["llama_1b_comm_ratio"]),
         }
@@ -538,9 +590,9 @@ class WorkerLoop:
         })
 
     def measure_memory(self, result_counter: SavedTensorCounter) -> dict[str, float]:
-        params = unique_bytes(self.model.parameters())
-        grads = unique_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
-        states = unique_bytes(self.method.optimizer_state_tensors())
+        params = unique_bytes(_local(p) for p in self.model.parameters())  # this worker's shards under FSDP
+        grads = unique_bytes(_local(p.grad) for p in self.model.parameters() if p.grad is not None)
+        states = unique_bytes(_local(t) for t in self.method.optimizer_state_tensors())
         out = {
             "memory/parameters": float(params),
             "memory/gradients": float(grads),
