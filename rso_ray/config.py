@@ -60,6 +60,10 @@ class TrainConfig:
     # -- optimization ------------------------------------------------------------------------------
     lr: float | None = field(default=None, metadata=_help(
         "peak learning rate (default: 1e-3 for adamw, 1e-2 for galore as in its scripts, see the recipe for rso)"))
+    target_lr_scale: float | None = field(default=None, metadata=_help(
+        "the target layers' lr as a fraction of --lr, which the embeddings, norms and lm_head keep: RSO's lr "
+        "of B, AdamW's of the block linears, GaLore's scale (default: the recipe's, else 0.25 for galore as "
+        "in its scripts and 1 for rso, Algorithm 1's single lr, and adamw)"))
     warmup_ratio: float = field(default=0.1, metadata=_help("fraction of steps of linear warmup (default 0.1)"))
     min_lr_ratio: float = field(default=0.1, metadata=_help("the cosine ends at this fraction of the peak (default 0.1)"))
     weight_decay: float = field(default=0.0, metadata=_help(
@@ -193,6 +197,9 @@ class TrainConfig:
             raise ValueError(f"--eta must be > 0 (inf disables the proximal term), got {self.eta!r}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive finite number, got {self.lr!r}")
+        scale = self.target_lr_scale
+        if scale is not None and not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"--target-lr-scale must be a positive finite number, got {scale!r}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -264,12 +271,14 @@ class TrainConfig:
         recipe = recipe_for(self.model)
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for key, value in recipe.items():
-            if key == "lr" or (key == "steps" and values["tokens"] is not None):
+            if key in ("lr", "target_lr_scale") or (key == "steps" and values["tokens"] is not None):
                 continue
             if key in values and values[key] is None:
                 values[key] = value
         if values["lr"] is None:
             values["lr"] = recipe["lr"][self.optimizer]
+        if values["target_lr_scale"] is None and "target_lr_scale" in recipe:
+            values["target_lr_scale"] = recipe["target_lr_scale"].get(self.optimizer)
         if values["steps"] is None and values["tokens"] is not None:
             per_step = values["global_batch_size"] * self.seq_len
             values["steps"] = max(1, -(-values["tokens"] // per_step))
@@ -295,6 +304,7 @@ class TrainConfig:
         return MethodConfig(
             name=self.optimizer,
             lr=self.lr,
+            target_lr_scale=self.target_lr_scale,
             weight_decay=self.weight_decay,
             total_steps=self.steps,
             warmup_steps=int(self.warmup_ratio * self.steps),

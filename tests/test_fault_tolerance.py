@@ -158,3 +158,42 @@ def test_driver_killed_then_relaunched_resumes_bitwise(references, tmp_path: Pat
     assert "resuming at step" in second.stdout + second.stderr
     _assert_same_run(cfg, references("2"))
 
+
+
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
+def test_interrupt_marks_the_run_killed_and_says_how_to_resume(tmp_path: Path, sig: int, to_group: bool) -> None:
+    """Ctrl-C reaches the terminal's whole process group; `ray job stop` sends SIGTERM to the driver."""
+    cfg = _config(tmp_path, workers="1", steps=2000)  # far more steps than the test waits for
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_cli(cfg, tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    marker = Path(cfg.storage_path) / cfg.run_name / "checkpoint_00000008" / "rso_complete.json"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before its checkpoint of step 8: {proc.communicate()[0][-3000:]}"
+        assert time.time() < deadline, "no checkpoint of step 8 within 300 s"
+        time.sleep(0.2)
+    import psutil
+
+    tree = [(p.pid, p.create_time(), p.name()) for p in psutil.Process(proc.pid).children(recursive=True)]
+    if to_group:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert f"{signal.Signals(sig).name} received: stopping the workers" in out
+    assert (f"interrupted: run {cfg.run_name} stopped and marked KILLED in MLflow; relaunch with --run-name "
+            f"{cfg.run_name} to resume from its last complete checkpoint (") in out, out[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("rso_ray").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    deadline = time.time() + 30
+    while (left := [n for pid, t, n in tree if psutil.pid_exists(pid) and _started_at(pid) == t]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind by the interrupted driver: {left}"
+    # The checkpoints it wrote are intact: the newest complete one is at least the one waited for.
+    newest = latest_checkpoint(str(Path(cfg.storage_path) / cfg.run_name))
+    assert newest is not None and read_state(newest)["step"] >= 8

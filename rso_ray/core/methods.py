@@ -71,8 +71,13 @@ class MethodConfig:
     name: str = "rso"
     """Training method: rso, adamw or galore."""
     lr: float = 1e-3
-    """Peak learning rate (of B for RSO, of the projected update for GaLore, of every weight for AdamW).
-    Non-target parameters (embeddings, norms, lm_head) use it too, as in GaLore's scripts."""
+    """Peak learning rate of the non-target parameters (embeddings, norms, lm_head) and, times
+    ``target_lr_scale``, of the target layers (B for RSO, the projected update for GaLore, the weights for
+    AdamW)."""
+    target_lr_scale: float | None = None
+    """The target layers' step as a fraction of ``lr``: RSO's lr of B, AdamW's lr of the target weights,
+    GaLore's ``scale`` of its projected-back update (the same thing for an Adam-normalized update). None:
+    0.25 for galore (its scripts), 1 for rso (Algorithm 1: one lr for everything) and adamw."""
     weight_decay: float = 0.0
     """Decoupled weight decay of the AdamW parts (0 in the GaLore/RSO recipe); RSO's inner optimizer of B
     gets the same value when it takes a weight_decay (plain Adam applies it as L2)."""
@@ -106,8 +111,6 @@ class MethodConfig:
     """RSO: extra keyword arguments of the inner optimizer (e.g. {"momentum": 0.5} for sgd)."""
     galore_update_proj_gap: int = 200
     """GaLore: steps between projector refreshes."""
-    galore_scale: float = 0.25
-    """GaLore: scale of the projected-back update."""
     seed: int = 0
     """Seed of the random subspaces."""
 
@@ -116,6 +119,9 @@ class MethodConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.name!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        scale = self.target_lr_scale
+        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"target_lr_scale must be a positive finite number, got {scale!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.total_steps < 1:
@@ -132,6 +138,12 @@ class MethodConfig:
         if self.eps is not None:
             return self.eps
         return 1e-6 if self.name == "galore" else 1e-8
+
+    @property
+    def target_scale(self) -> float:
+        if self.target_lr_scale is not None:
+            return float(self.target_lr_scale)
+        return 0.25 if self.name == "galore" else 1.0
 
     def schedule(self) -> WarmupCosine:
         warmup = self.warmup_steps if self.warmup_steps is not None else int(0.1 * self.total_steps)
@@ -150,7 +162,7 @@ class MethodConfig:
         )
 
     def galore_config(self) -> GaLoreConfig:
-        return GaLoreConfig(rank=self.rank, update_proj_gap=self.galore_update_proj_gap, scale=self.galore_scale)
+        return GaLoreConfig(rank=self.rank, update_proj_gap=self.galore_update_proj_gap, scale=self.target_scale)
 
 
 def _set_lr(optimizers: list[Optimizer], factor: float) -> None:
@@ -247,14 +259,38 @@ class AdamWMethod(TrainingMethod):
 
     def __init__(self, model: nn.Module, config: MethodConfig):
         super().__init__(model, config)
-        params = [p for p in model.parameters() if p.requires_grad]
+        targets = [p for p in self.target_parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [
+            {"params": _other_parameters(model, {id(p) for p in targets})},
+            {"params": targets, "lr": config.lr * config.target_scale},  # two groups even at scale 1: same layout
+        ]
         self.optimizers = [
             _with_initial_lr(
                 torch.optim.AdamW(
-                    params, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
+                    groups, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
                 )
             )
         ]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["optimizers"][0] if len(state["optimizers"]) == 1 else None
+        if saved is not None and len(saved["param_groups"]) == 1:
+            state = dict(state, optimizers=[self._from_one_group(saved)])
+        super().load_state_dict(state)
+
+    def _from_one_group(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint of rso_ray before target_lr_scale held AdamW's parameters in one group, in
+        model.parameters() order: renumber its states into today's two groups (non-targets, targets)."""
+        old_order = [id(p) for p in self.model.parameters() if p.requires_grad]
+        new_order = [id(p) for g in self.optimizers[0].param_groups for p in g["params"]]
+        if sorted(old_order) != sorted(new_order) or len(saved["param_groups"][0]["params"]) != len(old_order):
+            raise ValueError("the checkpoint's AdamW state does not match this model's parameters")
+        index = {pid: i for i, pid in enumerate(new_order)}
+        renumber = {old: index[pid] for old, pid in zip(saved["param_groups"][0]["params"], old_order, strict=True)}
+        groups = [dict(saved["param_groups"][0], **{k: g[k] for k in ("lr", "initial_lr")},
+                       params=[index[id(p)] for p in g["params"]])
+                  for g in self.optimizers[0].param_groups]
+        return {"state": {renumber[k]: v for k, v in saved["state"].items()}, "param_groups": groups}
 
 
 class GaLoreMethod(TrainingMethod):
@@ -299,7 +335,7 @@ class RSOMethod(TrainingMethod):
         self.outer_step = 0
         self.inner_steps = 0
         cls, defaults = resolve_optimizer(config.inner_optimizer)
-        kwargs: dict[str, Any] = {**defaults, **config.inner_optimizer_kwargs, "lr": config.lr}
+        kwargs: dict[str, Any] = {**defaults, **config.inner_optimizer_kwargs, "lr": config.lr * config.target_scale}
         if cls in (torch.optim.Adam, torch.optim.AdamW):
             kwargs.setdefault("betas", config.betas)
             kwargs.setdefault("eps", config.adam_eps)

@@ -47,6 +47,46 @@ class ClusterLacksResources(RuntimeError):
     """The cluster does not have (and will not get) the GPUs or CPUs the workers need."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """The driver got SIGINT (Ctrl-C) or SIGTERM (`ray job stop`): the workers were stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_SIGNALS: list[int] = []  # the signals the driver got during fit(), newest last
+
+
+def _on_interrupt(controller: Any) -> None:
+    """Ray Train's fit() replaces the driver's SIGINT handler with one that aborts the controller and calls
+    sys.exit(0) (which ends as exit status 1, with no word of what happened, and leaves no chance to mark the
+    MLflow run). Ours aborts the controller the same way (workers stopped, no retry) and then raises
+    Interrupted, so that run() marks the MLflow run KILLED and says how to resume. A second signal during
+    the abort raises at once."""
+    import contextlib
+    import signal
+
+    import ray
+
+    count = 0
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal count
+        count += 1
+        _SIGNALS.append(signum)  # Ray's ray.get re-raises a plain KeyboardInterrupt: the subclass is lost
+        if count == 1:
+            print(f"\n[rso_ray] {signal.Signals(signum).name} received: stopping the workers "
+                  "(send it again to stop without waiting)", flush=True)
+            # The controller exits inside abort(), so the call may end in RayActorError: that is the success.
+            with contextlib.suppress(Exception):
+                ray.get(controller.abort.remote(), timeout=60)
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
 @dataclass
 class Prepared:
     """What the driver worked out before starting Ray."""
@@ -234,8 +274,13 @@ def build_trainer(cfg: TrainConfig, place: Placement, runtime: dict[str, Any], c
 
     from .worker import train_loop_per_worker
 
+    class Trainer(TorchTrainer):  # type: ignore[misc]
+        # Ray Train 2.60 calls this from fit() in the main thread only (not in Tune trials).
+        def _register_sigint_handler(self, controller: Any) -> None:
+            _on_interrupt(controller)
+
     lo, hi = cfg.worker_range()
-    return TorchTrainer(
+    return Trainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "runtime": runtime},
         scaling_config=ScalingConfig(
@@ -298,6 +343,8 @@ def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, A
         tags={"rso_ray.model": cfg.model, "rso_ray.optimizer": cfg.optimizer},
     )
     status, outcome = "FAILED", {}
+    handlers = _signal_handlers()
+    _SIGNALS.clear()
     try:
         if not info:
             write_json(f"{folder}/{RUN_INFO}", {"model": cfg.model, "optimizer": cfg.optimizer, "mlflow_run_id": run_id,
@@ -322,12 +369,19 @@ def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, A
         if outcome.get("launch_id") != launch_id or outcome.get("status") == "running":
             raise RuntimeError(f"the workers ended without a result (see {folder}/{OUTCOME} and the Ray logs)")
         status = "FINISHED" if outcome.get("status") == "finished" else "FAILED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        from .checkpoint import latest_checkpoint
+
         status = "KILLED"
+        last = latest_checkpoint(folder)
+        where = f"its last complete checkpoint ({last})" if last else "the start (no checkpoint was complete)"
         print(f"\n[rso_ray] interrupted: run {cfg.run_name} stopped and marked KILLED in MLflow; relaunch with "
-              f"--run-name {cfg.run_name} to resume from its last checkpoint", flush=True)
-        raise
+              f"--run-name {cfg.run_name} to resume from {where}", flush=True)
+        import signal
+
+        raise Interrupted(_SIGNALS[-1] if _SIGNALS else signal.SIGINT) from err
     finally:
+        _signal_handlers(handlers)
         tracking.finish_run(cfg.mlflow_tracking_uri, run_id, status)  # type: ignore[arg-type]
     if outcome.get("status") == "diverged":
         raise TrainingDiverged(str(outcome.get("message")))
@@ -345,6 +399,21 @@ def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, A
         summary["export"] = export_run(cfg, summary["checkpoint"], run_id)
     print_summary(cfg, summary)
     return summary
+
+
+def _signal_handlers(restore: dict[int, Any] | None = None) -> dict[int, Any]:
+    """The driver's SIGINT/SIGTERM handlers (to put back after fit(), which replaces them); with
+    ``restore``, put those back. Only the main thread may touch them (a Tune trial runs in another)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    if restore is not None:
+        for signum, handler in restore.items():
+            signal.signal(signum, handler)
+        return restore
+    return {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def print_summary(cfg: TrainConfig, s: dict[str, Any]) -> None:
@@ -380,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(cfg, prepared=prepared)
+    except Interrupted as err:
+        return 128 + err.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     except KeyboardInterrupt:
         return 130
     except (ValueError, RunLocked, ClusterLacksResources, TrainingDataFailed) as err:
