@@ -68,6 +68,7 @@ def test_unknown_key_in_file_names_key_and_line(tmp_path: Path) -> None:
         (["--projection", "sparse"], "--projection must be one of haar, gaussian, coordinate; got 'sparse'"),
         (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16-mixed; got 'fp8'"),
         (["--lr", "fast"], "--lr: expected a number, got 'fast'"),
+        (["--target-lr-scale", "-0.5"], "--target-lr-scale must be a positive finite number, got -0.5"),
         (["--global-batch-size", "2", "--workers", "4"], "--global-batch-size 2 is smaller than the largest number of workers 4"),
         (["--run-name", "a/b"], "--run-name must be a plain name"),
     ],
@@ -111,3 +112,11 @@ def test_yaml_min_max_workers_is_not_a_base60_number(tmp_path: Path) -> None:
     values = load_config_file(f)
     assert values["workers"] == "2:8" and values["lr"] == 1e-3 and values["steps"] == 1000
     assert TrainConfig(**values).worker_range() == (2, 8)
+
+
+def test_target_lr_scale_reaches_the_method() -> None:
+    cfg, _ = parse_config(["--optimizer", "adamw", "--lr", "0.01", "--target-lr-scale", "0.25"])
+    method = cfg.method_config()
+    assert (method.lr, method.target_scale) == (0.01, 0.25)
+    galore, _ = parse_config(["--optimizer", "galore"])
+    assert galore.method_config().target_scale == 0.25  # GaLore's scale, as in its scripts

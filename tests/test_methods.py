@@ -282,6 +282,8 @@ def test_merge_and_unload_restores_plain_linears() -> None:
         ({"resample_every": 0}, r"resample_every \(tau\) must be an integer >= 1, got 0"),
         ({"name": "sophia"}, "method must be one of rso, adamw, galore; got 'sophia'"),
         ({"lr": 0.0}, "lr must be a positive finite number, got 0.0"),
+        ({"target_lr_scale": 0.0}, "target_lr_scale must be a positive finite number, got 0.0"),
+        ({"target_lr_scale": float("inf")}, "target_lr_scale must be a positive finite number, got inf"),
         ({"warmup_steps": 50, "total_steps": 10}, "warmup_steps must be between 0 and total_steps=10, got 50"),
     ],
 )
@@ -322,3 +324,82 @@ def test_inner_optimizer_gets_the_configured_weight_decay(inner: str, decay: flo
     cfg = _cfg(rank=4, inner_optimizer=inner, weight_decay=decay, target_modules=["fc1", "fc2"], shared_inputs=[])
     method = build_method(TwoLayer(), cfg)
     assert [g["weight_decay"] for g in method.inner.param_groups] == [decay]
+
+
+def _is_target(name: str) -> bool:
+    return any(t in name for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+
+
+def test_adamw_target_lr_scale_equals_two_independent_adamws() -> None:
+    """The block linears step at lr x scale, the rest at lr: the same as two torch AdamWs."""
+    cfg = _cfg(name="adamw", lr=1e-2, target_lr_scale=0.25, total_steps=3, warmup_steps=0, min_lr_ratio=1.0)
+    model = build_model("llama-micro", seed=0)
+    ref = copy.deepcopy(model)
+    method = build_method(model, cfg)
+    named = dict(ref.named_parameters())
+    ref_opts = [torch.optim.AdamW([p for n, p in named.items() if _is_target(n) == target], lr=lr, weight_decay=0.0)
+                for target, lr in ((False, 1e-2), (True, 2.5e-3))]
+    assert sum(_is_target(n) for n in named) == 7 * 2  # llama-micro: 2 blocks of 7 linears
+    for i in range(3):
+        ids = _micro_batch(seed=i)
+        method.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        method.step()
+        for opt in ref_opts:
+            opt.zero_grad()
+        ref(ids, labels=ids).loss.backward()
+        for opt in ref_opts:
+            opt.step()
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert k == k2
+        assert_close(v, v2, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize(("scale", "expected"), [(None, 1e-2), (0.3, 3e-3)])
+def test_rso_b_steps_at_lr_times_target_lr_scale(scale: float | None, expected: float) -> None:
+    model = build_model("llama-micro", seed=0)
+    method = build_method(model, _cfg(lr=1e-2, target_lr_scale=scale, eps=1e-20))
+    assert method.inner.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-15)
+    assert method.outer is not None and method.outer.param_groups[0]["lr"] == 1e-2
+    # After a step of a warmed-up schedule, Adam's first step moves each entry of B by lr (|m / sqrt(v)| = 1).
+    ids = _micro_batch()
+    model(ids, labels=ids).loss.backward()
+    layer = next(iter(method.handle.layers.values()))
+    grad = layer.rso_B.grad.clone()
+    method.step()
+    big = grad.abs() > 1e-12
+    assert big.sum() > 400
+    moved = layer.rso_B.detach()[big].abs()
+    # Adam's first step is lr g / (|g| + eps), lr up to eps / |g| < 1e-8 and float32 rounding.
+    assert_close(moved, torch.full_like(moved, expected), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("scale", "expected"), [(None, 0.25), (1.0, 1.0)])
+def test_galore_scale_is_the_target_lr_scale(scale: float | None, expected: float) -> None:
+    model = build_model("llama-micro", seed=0)
+    method = build_method(model, _cfg(name="galore", target_lr_scale=scale))
+    assert method.optimizers[0].param_groups[1]["scale"] == expected
+
+
+def test_one_group_adamw_checkpoint_of_earlier_versions_loads() -> None:
+    """Before target_lr_scale AdamW held every parameter in one group (model.parameters() order)."""
+    cfg = _cfg(name="adamw", total_steps=8, warmup_steps=2)
+    model = build_model("llama-micro", seed=0)
+    old = torch.optim.AdamW(model.parameters(), lr=cfg.lr, eps=1e-8, weight_decay=0.0)
+    for group in old.param_groups:
+        group["initial_lr"] = group["lr"]
+    method = build_method(model, cfg)
+    reference = copy.deepcopy(model)
+    ref_method = build_method(reference, cfg)
+    _train(reference, ref_method, 3)
+    for i in range(3):  # the old layout, driven by hand at the same schedule
+        ids = _micro_batch(seed=i)
+        old.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        for group in old.param_groups:
+            group["lr"] = group["initial_lr"] * ref_method.schedule(i)
+        old.step()
+    method.load_state_dict({"step": 3, "optimizers": [old.state_dict()]})
+    assert _train(model, method, 3, start=3) == _train(reference, ref_method, 3, start=3)
+    for (k, v), v2 in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(v, v2), k
