@@ -19,16 +19,6 @@ from rso_ray.training.comm import trainable_bytes
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
-    yield
-    ray.shutdown()
-
-
 def _config(tmp: Path, **overrides) -> TrainConfig:
     base = dict(
         model="llama-micro", steps=8, workers="2", global_batch_size=8, micro_batch_size=2, rank=16,

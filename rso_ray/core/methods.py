@@ -259,7 +259,12 @@ class AdamWMethod(TrainingMethod):
 
     def __init__(self, model: nn.Module, config: MethodConfig):
         super().__init__(model, config)
-        targets = [p for p in self.target_parameters() if p.requires_grad]
+        try:
+            targets = [p for p in self.target_parameters() if p.requires_grad]
+        except ValueError:
+            if config.target_scale != 1.0:
+                raise  # a scale for target layers that are not there
+            targets = []  # any model trains under plain AdamW; the target group stays empty
         groups: list[dict[str, Any]] = [
             {"params": _other_parameters(model, {id(p) for p in targets})},
             {"params": targets, "lr": config.lr * config.target_scale},  # two groups even at scale 1: same layout

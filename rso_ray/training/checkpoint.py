@@ -165,14 +165,7 @@ def write_sharded_checkpoint(
             if rank == 0:
                 if before_finish is not None:
                     before_finish(tmp)
-                (tmp / COMPLETE_FILE).write_bytes(_marker(tmp, state))
-                if Path(final).exists():
-                    old = parent / f".{Path(final).name}.old-{uuid.uuid4().hex[:8]}"
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
+                _publish(tmp, final, state)
         except BaseException:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -281,6 +274,19 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(piece, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
 
 
+def _publish(tmp: Path, final: str, state: dict[str, Any]) -> None:
+    """Mark the local folder ``tmp`` complete (the marker last) and rename it to ``final``, replacing an
+    older folder of that name (an incomplete leftover, or the same step written by an earlier attempt)."""
+    (tmp / COMPLETE_FILE).write_bytes(_marker(tmp, state))
+    if Path(final).exists():
+        old = tmp.parent / f".{Path(final).name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def _marker(folder: Path, state: dict[str, Any]) -> bytes:
     sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return json.dumps({"files": sizes, "step": state.get("step")}, indent=1).encode()
@@ -307,14 +313,7 @@ def write_checkpoint(
             _write_files(tmp, model, method, state)
             if before_finish is not None:
                 before_finish(tmp)
-            (tmp / COMPLETE_FILE).write_bytes(_marker(tmp, state))
-            if Path(final).exists():
-                old = parent / f".{Path(final).name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            _publish(tmp, final, state)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
