@@ -11,7 +11,7 @@ same batches of the embedded corpus (no Ray: the torch-only engine). The runs ad
 each in turn, so step times are measured side by side on the same (noisy) machine. Each variant is then
 judged at its best learning rate of the grid by the loss on a fixed validation set. A variant is
 ``label:method[:key=value...]`` with keys rank, projection, resample_every, eta, inner_optimizer,
-target_lr_scale (a bare method name is its own label). The memory breakdown is one measured step per variant on the same batch.
+target_lr_scale, inner_state, inner_warmup (a bare method name is its own label). The memory breakdown is one measured step per variant on the same batch.
 
 Writes <out>.json (every run, every eval point, every step time), <out>.md (the tables: best lr per
 variant, the ratio of its final eval loss to AdamW's and its worst ratio after the first 10% of steps)
@@ -44,7 +44,7 @@ from rso_ray.training.engine import evaluate, train_step
 
 DEFAULT_LRS = {"rso": [1e-3, 3e-3, 6e-3], "adamw": [1e-3, 3e-3, 6e-3], "galore": [3e-3, 1e-2, 3e-2]}
 VARIANT_KEYS = {"rank": int, "projection": str, "resample_every": int, "eta": float, "inner_optimizer": str,
-                "target_lr_scale": float}
+                "target_lr_scale": float, "inner_state": str, "inner_warmup": int}
 
 
 def parse_variants(items: list[str] | None) -> dict[str, tuple[str, dict[str, object]]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .core.methods import METHODS, MethodConfig
+from .core.methods import INNER_STATES, METHODS, MethodConfig
 from .core.projection import PROJECTIONS
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
@@ -51,6 +51,11 @@ class TrainConfig:
     projection: str = field(default="haar", metadata=_help("RSO projection: haar (default), gaussian, coordinate"))
     inner_optimizer: str = field(default="adam", metadata=_help(
         "RSO inner optimizer of B: adam (default), adamw, sgd (momentum 0.9), any torch.optim class name"))
+    inner_state: str = field(default="reset", metadata=_help(
+        "RSO: what B's Adam keeps at a resample: reset (Algorithm 1) or keep_second (its step count and the "
+        "row mean of its second moment per column of B; the first moment restarts)"))
+    inner_warmup: int = field(default=0, metadata=_help(
+        "RSO: steps of linear lr warm-up of B at the start of each subspace (default 0, as in Algorithm 1)"))
     target_modules: list[str] | None = field(default=None, metadata=_help(
         "layers trained in subspaces (names or dotted suffixes); default: attention and MLP linears of LLaMA"))
     init_from: str | None = field(default=None, metadata=_help(
@@ -173,6 +178,9 @@ class TrainConfig:
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"--activation-checkpointing must be true or false, got {self.activation_checkpointing!r}")
         _choice("on_bad_line", self.on_bad_line, ("skip", "error"))
+        _choice("inner_state", self.inner_state, INNER_STATES)
+        if isinstance(self.inner_warmup, bool) or not isinstance(self.inner_warmup, int) or self.inner_warmup < 0:
+            raise ValueError(f"--inner-warmup must be an integer >= 0, got {self.inner_warmup!r}")
         _choice("export_hf", self.export_hf, EXPORT_HF)
         if self.init_from is not None and (not self.init_from.strip() or "://" in self.init_from):
             raise ValueError(f"--init-from must be a hub id or a local folder, got {self.init_from!r}")
@@ -314,6 +322,8 @@ class TrainConfig:
             eta=self.eta,
             resample_every=self.resample_every,
             inner_optimizer=self.inner_optimizer,
+            inner_state=self.inner_state,
+            inner_warmup=self.inner_warmup,
             galore_update_proj_gap=self.resample_every,
             seed=self.seed,
             **kwargs,

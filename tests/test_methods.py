@@ -178,10 +178,14 @@ def _train(model: nn.Module, method, steps: int, start: int = 0) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("name", ["rso", "adamw", "galore"])
+LEVERS = {"rso-levers": dict(name="rso", inner_state="keep_second", inner_warmup=2, target_lr_scale=0.5)}
+
+
+@pytest.mark.parametrize("name", ["rso", "adamw", "galore", "rso-levers"])
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-subspace and right at a boundary (tau = 3)
 def test_state_dict_round_trip_resumes_identically(name: str, stop_at: int) -> None:
-    cfg = _cfg(name=name, resample_every=3, galore_update_proj_gap=2, total_steps=12, warmup_steps=2)
+    extra = LEVERS.get(name, {"name": name})
+    cfg = _cfg(resample_every=3, galore_update_proj_gap=2, total_steps=12, warmup_steps=2, **extra)
     model = build_model("llama-micro", seed=0)
     method = build_method(model, cfg)
     _train(model, method, stop_at)
@@ -403,3 +407,65 @@ def test_one_group_adamw_checkpoint_of_earlier_versions_loads() -> None:
     assert _train(model, method, 3, start=3) == _train(reference, ref_method, 3, start=3)
     for (k, v), v2 in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(v, v2), k
+
+
+def test_inner_warmup_ramps_b_lr_in_each_subspace() -> None:
+    """With inner_warmup k, inner step i of a subspace runs at lr (i + 1) / (k + 1) for i < k, then lr."""
+    model = build_model("llama-micro", seed=0)
+    method = build_method(model, _cfg(lr=1e-2, inner_warmup=2, resample_every=4, total_steps=20, warmup_steps=0,
+                                      min_lr_ratio=1.0))
+    seen = []
+    for i in range(8):
+        ids = _micro_batch(seed=i)
+        method.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        method.step()
+        seen.append(method.inner.param_groups[0]["lr"])
+    assert seen == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2] * 2, rel=1e-12)
+    assert method.outer is not None and method.outer.param_groups[0]["lr"] == 1e-2  # the rest: no ramp
+
+
+def test_keep_second_keeps_the_row_mean_of_the_second_moment() -> None:
+    """At a merge with inner_state keep_second: first moment 0, second moment replaced by its mean over
+    B's rows (column by column), step count kept. Checked against the state Adam had just before."""
+    model = build_model("llama-micro", seed=0)
+    method = build_method(model, _cfg(inner_state="keep_second", resample_every=3))
+    b = next(iter(method.handle.layers.values())).rso_B
+    for i in range(2):
+        ids = _micro_batch(seed=i)
+        method.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        method.step()
+    v_before = method.inner.state[b]["exp_avg_sq"].clone()
+    ids = _micro_batch(seed=2)
+    method.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    g = b.grad.clone()
+    assert method.step() is True  # the third step merges and resamples
+    state = method.inner.state[b]
+    v_adam = 0.999 * v_before + 0.001 * g * g  # Adam's own update of the last step (betas 0.9, 0.999)
+    assert_close(state["exp_avg_sq"], v_adam.mean(0, keepdim=True).expand_as(v_adam), rtol=1e-6, atol=0)
+    assert torch.equal(state["exp_avg"], torch.zeros_like(g))
+    assert float(state["step"]) == 3
+    assert torch.count_nonzero(b) == 0  # B restarts at zero in the new subspace
+
+
+def test_a_dropped_subspace_keeps_no_inner_state() -> None:
+    model = build_model("llama-micro", seed=0)
+    method = build_method(model, _cfg(inner_state="keep_second", resample_every=3))
+    _train(model, method, 1)
+    method.skip_step()  # a non-finite loss: B dropped, nothing of its Adam kept
+    assert not method.inner.state
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"inner_state": "project"}, "inner_state must be one of reset, keep_second; got 'project'"),
+        ({"inner_warmup": -1}, "inner_warmup must be an integer >= 0, got -1"),
+        ({"inner_state": "keep_second", "inner_optimizer": "sgd"}, "inner_state 'keep_second' needs an Adam inner optimizer, not 'sgd'"),
+    ],
+)
+def test_bad_lever_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MethodConfig(**kwargs)

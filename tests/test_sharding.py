@@ -89,11 +89,20 @@ def batches(steps: int) -> list[torch.Tensor]:
     return [torch.randint(0, 64, (GLOBAL_BATCH, SEQ), generator=g) for _ in range(steps)]
 
 
+# Variants beyond the three methods: the levers of issue 11 (a target lr scale, and RSO's inner state kept
+# across a resample, whose row mean of a sharded second moment needs every rank's rows).
+LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rso-levers": ("rso", dict(inner_state="keep_second", inner_warmup=2, target_lr_scale=0.5)),
+    "adamw-split": ("adamw", dict(target_lr_scale=0.25)),
+}
+
+
 def method_config(name: str, steps: int, projection: str = "haar") -> MethodConfig:
     # resample_every=3: steps 3 and 6 merge, so the run crosses two subspace boundaries (GaLore: refreshes
     # its projectors at steps 3 and 6).
+    name, extra = LEVERS.get(name, (name, {}))
     return MethodConfig(name=name, rank=8, resample_every=3, total_steps=steps, warmup_steps=1, lr=1e-2,
-                        projection=projection, galore_update_proj_gap=3)
+                        projection=projection, galore_update_proj_gap=3, **extra)
 
 
 # -- merges on sharded W ------------------------------------------------------------------------------
@@ -155,7 +164,7 @@ def _train(rank: int, world: int, name: str, steps: int, micro: int) -> dict[str
     return {"losses": losses, "traffic": traffic}
 
 
-@pytest.mark.parametrize("name", ["rso", "adamw", "galore"])
+@pytest.mark.parametrize("name", ["rso", "adamw", "galore", "rso-levers", "adamw-split"])
 def test_two_rank_fsdp_matches_one_process(name: str) -> None:
     steps = 7
     reference = _train(0, 1, name, steps, micro=GLOBAL_BATCH)["losses"]

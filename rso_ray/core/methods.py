@@ -109,6 +109,13 @@ class MethodConfig:
     """RSO: optimizer of B (adam, adamw, sgd, any torch.optim class, or package.module.Class)."""
     inner_optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     """RSO: extra keyword arguments of the inner optimizer (e.g. {"momentum": 0.5} for sgd)."""
+    inner_state: str = "reset"
+    """RSO: what the inner Adam keeps at a resample. reset: nothing (Algorithm 1). keep_second: its step
+    count and, per column of B, the mean over B's rows of the second moment (the expected squared gradient
+    of a column does not depend on which random directions P holds); the first moment restarts at 0."""
+    inner_warmup: int = 0
+    """RSO: B's lr ramps up linearly over the first inner_warmup steps of each subspace (0: none, as in
+    Algorithm 1)."""
     galore_update_proj_gap: int = 200
     """GaLore: steps between projector refreshes."""
     seed: int = 0
@@ -127,9 +134,15 @@ class MethodConfig:
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         self.schedule()  # validates warmup_steps and min_lr_ratio
+        if self.inner_state not in INNER_STATES:
+            raise ValueError(f"inner_state must be one of {', '.join(INNER_STATES)}; got {self.inner_state!r}")
+        if isinstance(self.inner_warmup, bool) or not isinstance(self.inner_warmup, int) or self.inner_warmup < 0:
+            raise ValueError(f"inner_warmup must be an integer >= 0, got {self.inner_warmup!r}")
         if self.name == "rso":
             self.rso_config()
-            resolve_optimizer(self.inner_optimizer)
+            cls, _ = resolve_optimizer(self.inner_optimizer)
+            if self.inner_state == "keep_second" and not issubclass(cls, torch.optim.Adam | torch.optim.AdamW):
+                raise ValueError(f"inner_state 'keep_second' needs an Adam inner optimizer, not {self.inner_optimizer!r}")
         elif self.name == "galore":
             self.galore_config()
 
@@ -163,6 +176,9 @@ class MethodConfig:
 
     def galore_config(self) -> GaLoreConfig:
         return GaLoreConfig(rank=self.rank, update_proj_gap=self.galore_update_proj_gap, scale=self.target_scale)
+
+
+INNER_STATES = ("reset", "keep_second")
 
 
 def _set_lr(optimizers: list[Optimizer], factor: float) -> None:
@@ -208,10 +224,14 @@ class TrainingMethod:
     def step(self) -> bool:
         """One optimizer step at the scheduled learning rate. Returns True when it ended a subspace."""
         _set_lr(self.optimizers, self.schedule(self.step_count))
+        self._adjust_lr()
         for opt in self.optimizers:
             opt.step()
         self.step_count += 1
         return False
+
+    def _adjust_lr(self) -> None:
+        """Per-method change of the scheduled learning rates before a step (none by default)."""
 
     def skip_step(self) -> None:
         """Throw away this step's gradients (a non-finite loss); the model is untouched."""
@@ -385,10 +405,37 @@ class RSOMethod(TrainingMethod):
             self.handle.merge()
         else:
             self.handle.discard()
-        self.inner.state.clear()  # a fresh Adam for the next subproblem, as Algorithm 1 prescribes
+        if merge and self.config.inner_state == "keep_second":  # a dropped (non-finite) subspace keeps nothing
+            self._keep_second_moments()
+        else:
+            self.inner.state.clear()  # a fresh Adam for the next subproblem, as Algorithm 1 prescribes
         self.outer_step += 1
         self.inner_steps = 0
         self.handle.resample(self.outer_step)
+
+    def _adjust_lr(self) -> None:
+        warmup = self.config.inner_warmup
+        if warmup > 0 and self.inner_steps < warmup:
+            for group in self.inner.param_groups:
+                group["lr"] *= (self.inner_steps + 1) / (warmup + 1)  # steps 0..warmup-1 at 1/(k+1)..k/(k+1)
+
+    def _keep_second_moments(self) -> None:
+        """inner_state keep_second: the first moment restarts at 0; the second moment of B (r, n) becomes
+        its mean over the r rows, column by column (rows stand for random directions that the resample
+        replaces; a column is one output of the layer); the step count goes on, so the bias correction
+        does not inflate the kept second moment."""
+        from torch.distributed.tensor import DTensor
+
+        for state in self.inner.state.values():
+            state["exp_avg"].zero_()
+            v = state["exp_avg_sq"]
+            if isinstance(v, DTensor):  # rows sharded under FSDP: the (1, n) mean needs them all
+                mean = v.full_tensor().mean(0, keepdim=True)
+                v.to_local().copy_(mean.expand_as(v.to_local()))
+            else:
+                v.copy_(v.mean(0, keepdim=True).expand_as(v))
+            if "max_exp_avg_sq" in state:
+                state["max_exp_avg_sq"].copy_(v)
 
     def skip_step(self) -> None:
         """A non-finite loss inside a subspace: drop B and resample; W and the step count are untouched."""
