@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--projection", default="haar")
     p.add_argument("--variants", nargs="*", help="label:method[:key=value...] (default: adamw galore rso)")
     p.add_argument("--lrs", nargs="*", help="label=lr,lr,... (default: a 3-point grid per method)")
+    p.add_argument("--baseline", nargs="+", default=["adamw"], metavar="LABEL",
+                   help="the ratios are taken to this variant (default adamw); with several, to the lowest of "
+                        "their eval losses at each evaluation (e.g. the better of AdamW and GaLore)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="train nothing: report the runs of earlier --out JSON files of the same settings together")
     p.add_argument("--mlflow-tracking-uri", default=None, help="also log the figures and tables to an MLflow run")
     p.add_argument("--eval-tokens", type=int, default=65536)
     p.add_argument("--eval-every", type=int, default=100)
@@ -97,6 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     add_device_options(p)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    results = merge_results(args.merge) if args.merge else train_runs(args)
+    report(results, args)
+    return 0
+
+
+# The settings that make runs of different invocations comparable: the same model, data, batches,
+# schedule length, evaluation and seed give bit-identical curves for the same variant (CPU, same threads).
+SAME_SETTINGS = ("model", "steps", "batch_size", "seq_len", "eval_tokens", "eval_every", "max_grad_norm", "seed",
+                 "device", "precision")
+
+
+def train_runs(args: argparse.Namespace) -> dict:
+    """Train every (variant, lr) pair in lockstep; returns the result record that --out saves."""
     variants = parse_variants(args.variants)
     lrs = parse_lrs(args.lrs, variants)
     device, amp = device_and_autocast(args)
@@ -139,61 +158,134 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.model, vocab_size=vocab, seed=args.seed, device=device)
         method = build_method(model, method_config(name, 1e-3, 10))
         memory[name] = measure_step(model, method, ids, autocast_dtype=amp).as_dict()
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{torch.get_num_threads()} CPU threads ({platform.machine()})")
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"lrs": lrs},
+        "runs": [{k: v for k, v in r.items() if k not in ("model", "opt")} | {"batch": 0} for r in runs],
+        "variants": {k: {"method": m, **o} for k, (m, o) in variants.items()},
+        "memory": memory,
+        "vocab": vocab, "eval_sequences": len(val), "machine": f"torch {torch.__version__} on {machine}",
+        "wall_time_s": [time.time() - t_start],
+    }
 
-    best = {}
-    for name in lrs:
-        candidates = [r for r in runs if r["method"] == name]
-        best[name] = min(candidates, key=lambda r: r["evals"][-1][1])
-    base = best.get("adamw")
+
+def merge_results(paths: list[Path]) -> dict:
+    """The runs of several --out JSON files with the same settings (SAME_SETTINGS), as one record. Each
+    run keeps the index of its file ("batch"): step times compare only within one batch."""
+    merged: dict = {}
+    for i, path in enumerate(paths):
+        if not path.is_file():
+            raise SystemExit(f"--merge: no such file {path}")
+        data = _with_recorded_facts(json.loads(path.read_text()), path)
+        if not merged:
+            merged = {k: data.get(k) for k in ("settings", "memory", "vocab", "eval_sequences", "machine")}
+            merged |= {"command": [], "runs": [], "variants": {}, "wall_time_s": []}
+        diff = [k for k in SAME_SETTINGS if data["settings"].get(k) != merged["settings"].get(k)]
+        if diff:
+            raise SystemExit(f"--merge: {path} differs from {paths[0]} in {', '.join(diff)}: its runs are not comparable")
+        for label, spec in data["variants"].items():
+            # Each file's defaults (rank, tau, projection) made explicit, so that labels from two files
+            # cannot hide two different settings.
+            keys = {"rso": ("rank", "resample_every", "projection"), "galore": ("rank", "resample_every")}
+            full = {k: data["settings"][k] for k in keys.get(spec["method"], ())} | spec
+            if label in merged["variants"] and merged["variants"][label] != full:
+                raise SystemExit(f"--merge: label {label!r} means {full} in {path} but {merged['variants'][label]} before")
+            merged["variants"][label] = full
+        merged["memory"] |= data["memory"]
+        merged["runs"] += [r | {"batch": i} for r in data["runs"] if (r["method"], r["lr"]) not in
+                           {(m["method"], m["lr"]) for m in merged["runs"]}]
+        merged["command"].append(data["command"])
+        merged["wall_time_s"] += data.get("wall_time_s") or []
+    return merged
+
+
+def _with_recorded_facts(data: dict, path: Path) -> dict:
+    """Files written before the JSON held the vocabulary, the machine and the wall time: read them from
+    the settings line of the .md written beside it."""
+    if "machine" in data:
+        return data
+    md = path.with_suffix(".md")
+    text = md.read_text() if md.is_file() else ""
+    found = {key: re.search(pattern, text) for key, pattern in (
+        ("vocab", r"\(vocab (\d+)\)"), ("eval_sequences", r"eval on (\d+) x"),
+        ("machine", r"(torch \S+ on [^;]+); wall time"), ("wall_time_s", r"wall time (\d+)s"))}
+    missing = [k for k, m in found.items() if m is None]
+    if missing:
+        raise SystemExit(f"--merge: {path} does not record {', '.join(missing)} and {md} does not say them")
+    return data | {"vocab": int(found["vocab"].group(1)), "eval_sequences": int(found["eval_sequences"].group(1)),
+                   "machine": found["machine"].group(1), "wall_time_s": [float(found["wall_time_s"].group(1))]}
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    """Print and save the tables (each variant at its best lr; the whole grid) and the curves."""
+    runs, memory, settings_of = results["runs"], results["memory"], results["settings"]
+    best: dict[str, dict] = {}
+    for r in runs:
+        if r["method"] not in best or r["evals"][-1][1] < best[r["method"]]["evals"][-1][1]:
+            best[r["method"]] = r
+    missing = [b for b in args.baseline if b not in best]
+    if missing:
+        print(f"(no variant {', '.join(map(repr, missing))}: no ratios)")
+    base = None if missing else _lowest([best[b] for b in args.baseline])
+    steps = settings_of["steps"]
     rows = []
     for name, r in best.items():
         final = r["evals"][-1][1]
         med = statistics.median(r["times"][10:] or r["times"])
         mem = memory[name]
+        same_batch = base is not None and base["batch"] == r.get("batch", 0)
         rows.append([
             name, f"{r['lr']:g}", f"{final:.4f}", f"{math.exp(final):.2f}",
             f"{final / base['evals'][-1][1]:.3f}" if base else "-",
-            f"{worst_ratio(r['evals'], base['evals'], args.steps):.3f}" if base else "-",
-            f"{med * 1000:.0f}", f"{args.batch_size * args.seq_len / med:,.0f}",
-            f"{med / statistics.median(base['times'][10:] or base['times']):.3f}" if base else "-",
+            f"{worst_ratio(r['evals'], base['evals'], steps):.3f}" if base else "-",
+            f"{med * 1000:.0f}", f"{settings_of['batch_size'] * settings_of['seq_len'] / med:,.0f}",
+            f"{med / statistics.median(base['times'][10:] or base['times']):.3f}" if same_batch else "-",
             human_bytes(mem["parameters"]), human_bytes(mem["gradients"]), human_bytes(mem["optimizer_states"]),
             human_bytes(mem["activations"]), human_bytes(mem["total"]),
         ])
-    headers = ["variant", "best lr", "eval loss", "ppl", "loss/adamw", "worst/adamw after 10%", "step ms", "tokens/s", "time/adamw",
-               "params", "grads", "opt states", "activations", "total"]
+    base_text = (f"base = {args.baseline[0]}" if len(args.baseline) == 1 else
+                 f"base = the lower eval loss of {' and '.join(args.baseline)} at each evaluation")
+    headers = ["variant", "best lr", "eval loss", "ppl", "loss/base", "worst/base after 10%", "step ms", "tokens/s",
+               "time/base", "params", "grads", "opt states", "activations", "total"]
     grid_rows = [[r["method"], f"{r['lr']:g}", f"{r['evals'][-1][1]:.4f}"] for r in runs]
+    batches = len(results["wall_time_s"])
     settings = (
-        f"{args.model} (vocab {vocab}), {args.steps} steps x {args.batch_size} x {args.seq_len} tokens "
-        f"({args.steps * args.batch_size * args.seq_len:,} tokens), variants "
-        + "; ".join(f"{k} = {m}" + "".join(f" {kk}={vv}" for kk, vv in o.items()) for k, (m, o) in variants.items())
-        + f" (else rank {args.rank}, tau {args.resample_every}, projection {args.projection}), "
-        f"grad clip {args.max_grad_norm}, warmup 10% + cosine to 10%, {args.precision}; "
-        f"eval on {len(val)} x {args.seq_len} validation tokens; torch {torch.__version__} on "
-        + (torch.cuda.get_device_name(device) if device.type == "cuda"
-           else f"{torch.get_num_threads()} CPU threads ({platform.machine()})")
-        + f"; wall time {time.time() - t_start:.0f}s"
+        f"{settings_of['model']} (vocab {results['vocab']}), {steps} steps x {settings_of['batch_size']} x "
+        f"{settings_of['seq_len']} tokens ({steps * settings_of['batch_size'] * settings_of['seq_len']:,} tokens), variants "
+        + "; ".join(f"{k} = {v['method']}" + "".join(f" {kk}={vv}" for kk, vv in v.items() if kk != "method")
+                    for k, v in results["variants"].items())
+        + f" (else rank {settings_of['rank']}, tau {settings_of['resample_every']}, projection {settings_of['projection']}), "
+        f"grad clip {settings_of['max_grad_norm']}, warmup 10% + cosine to 10%, {settings_of['precision']}; "
+        f"eval on {results['eval_sequences']} x {settings_of['seq_len']} validation tokens; {results['machine']}; "
+        + (f"wall time {results['wall_time_s'][0]:.0f}s" if batches == 1 else
+           f"{batches} batches of runs in lockstep (wall times {', '.join(f'{w:.0f}s' for w in results['wall_time_s'])}); "
+           "time ratios only within a batch")
     )
-    print("\n" + settings + "\n" + format_table(headers, rows) + "\n\n" + format_table(["method", "lr", "eval loss"], grid_rows))
+    print("\n" + settings + "\n" + base_text + "\n" + format_table(headers, rows) + "\n\n" + format_table(["method", "lr", "eval loss"], grid_rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "command": "python " + " ".join(sys.argv),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"lrs": lrs},
-            "runs": [{k: v for k, v in r.items() if k not in ("model", "opt")} for r in runs],
-            "best": {k: {"lr": v["lr"], "final_eval_loss": v["evals"][-1][1]} for k, v in best.items()},
-            "variants": {k: {"method": m, **o} for k, (m, o) in variants.items()},
-            "memory": memory,
-        }
+        payload = results | {"best": {k: {"lr": v["lr"], "final_eval_loss": v["evals"][-1][1]} for k, v in best.items()}}
         args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
         plot_curves(best, args.out.with_suffix(".png"), settings)
+        commands = results["command"] if isinstance(results["command"], list) else [results["command"]]
+        merged = f"`python {' '.join(sys.argv)}` over the runs of\n\n" if args.merge else ""
         args.out.with_suffix(".md").write_text(
-            f"Command: `python {' '.join(sys.argv)}`\n\n{settings}\n\n"
-            f"Each method at its best learning rate of the grid:\n\n{format_table(headers, rows, markdown=True)}\n\n"
+            f"Command: {merged}" + "\n".join(f"    {c}" for c in commands) + f"\n\n{settings}\n\n"
+            f"Each variant at its best learning rate of the grid ({base_text}):\n\n"
+            f"{format_table(headers, rows, markdown=True)}\n\n"
             f"The whole grid (final eval loss):\n\n{format_table(['method', 'lr', 'eval loss'], grid_rows, markdown=True)}\n"
         )
         if args.mlflow_tracking_uri:
-            log_to_mlflow(args.mlflow_tracking_uri, args, best, [args.out.with_suffix(x) for x in (".json", ".md", ".png")])
-    return 0
+            log_to_mlflow(args.mlflow_tracking_uri, settings_of, best, [args.out.with_suffix(x) for x in (".json", ".md", ".png")])
+
+
+def _lowest(curves: list[dict]) -> dict:
+    """A baseline run made of the lowest eval loss of ``curves`` at each evaluation (times: the first's)."""
+    evals = [(step, min(dict(c["evals"])[step] for c in curves)) for step, _ in curves[0]["evals"]]
+    first = curves[0]
+    return {"evals": evals, "times": first["times"], "batch": first.get("batch", 0) if len(curves) == 1 else -1}
 
 
 def worst_ratio(evals: list[tuple[int, float]], base: list[tuple[int, float]], steps: int) -> float:
@@ -227,16 +319,16 @@ def plot_curves(best: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def log_to_mlflow(uri: str, args: argparse.Namespace, best: dict[str, dict], files: list[Path]) -> None:
+def log_to_mlflow(uri: str, settings: dict, best: dict[str, dict], files: list[Path]) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("rso_ray_benchmarks")
     exp_id = exp.experiment_id if exp else client.create_experiment("rso_ray_benchmarks")
-    run = client.create_run(exp_id, run_name=f"compare_methods {args.model} {args.steps} steps")
+    run = client.create_run(exp_id, run_name=f"compare_methods {settings['model']} {settings['steps']} steps")
     rid = run.info.run_id
     for key in ("model", "steps", "batch_size", "seq_len", "rank", "resample_every", "projection", "seed"):
-        client.log_param(rid, key, getattr(args, key))
+        client.log_param(rid, key, settings[key])
     for name, r in best.items():
         client.log_param(rid, f"best_lr.{name}", r["lr"])
         for step, loss in r["evals"]:

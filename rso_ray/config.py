@@ -39,7 +39,7 @@ class TrainConfig:
 
     # -- model and method --------------------------------------------------------------------------
     model: str = field(default="llama-tiny", metadata=_help(
-        "model to pre-train: llama-micro, llama-tiny (default: the offline demo), llama-60m, llama-130m, "
+        "model to pre-train: llama-micro, llama-tiny (default: the offline demo), llama-mini, llama-60m, llama-130m, "
         "llama-350m, llama-1b, llama-7b, or hf:<hub id or local path> for any Hugging Face causal LM config"))
     optimizer: str = field(default="rso", metadata=_help("training method: rso, adamw or galore"))
     rank: int | None = field(default=None, metadata=_help(

@@ -1,5 +1,5 @@
-"""Model registry: the LLaMA sizes of the GaLore/RSO papers (facts.md section 3), two small ones for
-laptops and tests, and any Hugging Face causal LM by config (``hf:<hub id or local path>``).
+"""Model registry: the LLaMA sizes of the GaLore/RSO papers (facts.md section 3), three small ones for
+laptops, tests and CPU benchmarks, and any Hugging Face causal LM by config (``hf:<hub id or local path>``).
 
     python -c "from rso_ray.models import build_model; m = build_model('llama-tiny', vocab_size=8192); print(m)"
 """
@@ -24,6 +24,11 @@ MODEL_CONFIGS: dict[str, LlamaConfig] = {
     # The default of the offline run: learns the embedded corpus in minutes on a CPU.
     "llama-tiny": LlamaConfig(
         hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=4, vocab_size=8192
+    ),
+    # A CPU-sized model shaped like the paper's (block linears 58% of the parameters, against 28% in
+    # llama-tiny, whose 8192-row embeddings dominate): for convergence benchmarks of the subspace methods.
+    "llama-mini": LlamaConfig(
+        hidden_size=192, intermediate_size=512, num_attention_heads=4, num_hidden_layers=10, vocab_size=8192
     ),
     "llama-60m": LlamaConfig(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
     "llama-130m": LlamaConfig(
