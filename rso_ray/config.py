@@ -333,14 +333,21 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# Recipes: facts.md section 4 for the paper's models; small models tuned to finish quickly on a CPU.
-# llama-tiny's lrs are the best of the convergence benchmark's grid (benchmarks/results/compare_llama-tiny_cpu.md).
+# Recipes: facts.md section 4 for the paper's models (the papers' single lr: Algorithm 1 as published, not
+# re-tuned here); small models tuned to finish quickly on a CPU. llama-tiny's lr and target_lr_scale are the
+# best of the real-text convergence benchmark (benchmarks/results/convergence_llama-tiny_r32.md, 1000 steps,
+# r/d = 1/4): every method at lr 1e-2 for embeddings, norms and lm_head, and a smaller step for the block
+# linears (AdamW 1/8, RSO's B 1/4, GaLore's scale 1/4). llama-mini takes llama-tiny's (not measured).
+_TINY_LR: dict[str, Any] = dict(lr={"rso": 1e-2, "adamw": 1e-2, "galore": 1e-2},
+                                target_lr_scale={"rso": 0.25, "adamw": 0.125, "galore": 0.25})
 _PAPER = dict(global_batch_size=512, resample_every=200, eval_every=1000, eval_tokens=10_000_000)
 RECIPES: dict[str, dict[str, Any]] = {
     "llama-micro": dict(steps=40, rank=16, global_batch_size=8, micro_batch_size=8, resample_every=10,
                         eval_every=20, eval_tokens=8192, lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2}),
     "llama-tiny": dict(steps=100, rank=64, global_batch_size=16, micro_batch_size=16, resample_every=50,
-                       eval_every=50, eval_tokens=65536, lr={"rso": 6e-3, "adamw": 6e-3, "galore": 1e-2}),
+                       eval_every=50, eval_tokens=65536, **_TINY_LR),
+    "llama-mini": dict(steps=1000, rank=48, global_batch_size=16, micro_batch_size=16, resample_every=100,
+                       eval_every=100, eval_tokens=65536, **_TINY_LR),
     "llama-60m": dict(_PAPER, steps=10_000, rank=128, micro_batch_size=128, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
     "llama-130m": dict(_PAPER, steps=20_000, rank=256, micro_batch_size=64, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
     "llama-350m": dict(_PAPER, steps=60_000, rank=256, micro_batch_size=32, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),

@@ -120,3 +120,15 @@ def test_target_lr_scale_reaches_the_method() -> None:
     assert (method.lr, method.target_scale) == (0.01, 0.25)
     galore, _ = parse_config(["--optimizer", "galore"])
     assert galore.method_config().target_scale == 0.25  # GaLore's scale, as in its scripts
+
+
+@pytest.mark.parametrize(("optimizer", "scale"), [("rso", 0.25), ("adamw", 0.125), ("galore", 0.25)])
+def test_small_model_recipes_take_the_tuned_target_lr_scale(optimizer: str, scale: float) -> None:
+    cfg, _ = parse_config(["--optimizer", optimizer])
+    assert (cfg.lr, cfg.target_lr_scale) == (1e-2, scale)
+    paper, _ = parse_config(["--optimizer", optimizer, "--model", "llama-60m"])
+    # The paper's models keep the published recipes: one lr for RSO (Algorithm 1) and AdamW, GaLore's 0.25.
+    assert paper.target_lr_scale is None
+    assert paper.method_config().target_scale == (0.25 if optimizer == "galore" else 1.0)
+    explicit, _ = parse_config(["--optimizer", optimizer, "--target-lr-scale", "1"])
+    assert explicit.method_config().target_scale == 1.0  # the command line wins over the recipe

@@ -26,7 +26,7 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_unknown_model(capsys) -> None:
     err = _fails(["--model", "llama-3b"], capsys)
-    assert "--model: unknown model 'llama-3b'; choose one of llama-micro, llama-tiny, llama-60m" in err
+    assert "--model: unknown model 'llama-3b'; choose one of llama-micro, llama-tiny, llama-mini, llama-60m" in err
 
 
 def test_rank_larger_than_a_layer(capsys) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .llama import CausalLMOutput, LlamaConfig, LlamaForCausalLM
 
-__all__ = ["MODEL_CONFIGS", "CausalLMOutput", "LlamaConfig", "LlamaForCausalLM", "build_model", "model_config"]
+__all__ = ["DEMO_MODELS", "MODEL_CONFIGS", "CausalLMOutput", "LlamaConfig", "LlamaForCausalLM", "build_model", "model_config"]
 
 # vocab 32000 as in the papers (T5 tokenizer, extra ids unused); rms_norm_eps 1e-6, init std 0.02.
 MODEL_CONFIGS: dict[str, LlamaConfig] = {
@@ -44,6 +44,9 @@ MODEL_CONFIGS: dict[str, LlamaConfig] = {
 }
 
 HF_PREFIX = "hf:"
+# The small models take their vocabulary from the tokenizer (8192 ids for the embedded one); the paper's
+# keep 32000 rows.
+DEMO_MODELS = ("llama-micro", "llama-tiny", "llama-mini")
 
 
 def model_config(name: str, *, vocab_size: int | None = None, num_layers: int | None = None) -> LlamaConfig:

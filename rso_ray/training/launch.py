@@ -17,10 +17,10 @@ from ..config import TrainConfig
 from ..console import format_table, human_duration
 from ..data.pipeline import validation_blocks
 from ..data.sources import DataSource, resolve_source
+from ..models import DEMO_MODELS
 from .engine import perplexity
 from .storage import OUTCOME, RUN_INFO, check_writable, read_json, run_dir, write_json
 
-DEMO_MODELS = ("llama-micro", "llama-tiny")
 # Ray Data's progress bars and Ray Train's print patch (which logs every print a second time) would drown
 # the progress lines of rank 0.
 QUIET_ENV = {

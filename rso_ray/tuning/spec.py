@@ -33,6 +33,7 @@ import yaml
 
 from .. import yaml_loader
 from ..config import TEST_OPTIONS, TrainConfig, config_from_dict
+from ..models import DEMO_MODELS
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("eval_loss", "tokens", "wall_time")
@@ -263,7 +264,7 @@ def _check_values(spec: SweepSpec, fail: Any) -> None:
             try:
                 cfg = config_from_dict(spec.trial_values({dim.key: value}), source=spec.path).with_recipe()
                 if dim.key in ("rank", "target_modules", "optimizer", "inner_optimizer", "model"):
-                    build_method(build_model(cfg.model, device="meta", vocab_size=8192 if cfg.model in ("llama-micro", "llama-tiny") else None),
+                    build_method(build_model(cfg.model, device="meta", vocab_size=8192 if cfg.model in DEMO_MODELS else None),
                                  cfg.method_config())
             except (ValueError, TypeError) as err:
                 raise fail(keys, f"value {value!r} is not valid: {err}") from None
