@@ -54,8 +54,9 @@ class TrainConfig:
     inner_state: str = field(default="reset", metadata=_help(
         "RSO: what B's Adam keeps at a resample: reset (Algorithm 1) or keep_second (its step count and the "
         "row mean of its second moment per column of B; the first moment restarts)"))
-    inner_warmup: int = field(default=0, metadata=_help(
-        "RSO: steps of linear lr warm-up of B at the start of each subspace (default 0, as in Algorithm 1)"))
+    inner_warmup: int | None = field(default=None, metadata=_help(
+        "RSO: steps of linear lr warm-up of B at the start of each subspace (default: the recipe's, 10 for "
+        "llama-tiny and llama-mini; else 0, Algorithm 1)"))
     target_modules: list[str] | None = field(default=None, metadata=_help(
         "layers trained in subspaces (names or dotted suffixes); default: attention and MLP linears of LLaMA"))
     init_from: str | None = field(default=None, metadata=_help(
@@ -179,7 +180,8 @@ class TrainConfig:
             raise ValueError(f"--activation-checkpointing must be true or false, got {self.activation_checkpointing!r}")
         _choice("on_bad_line", self.on_bad_line, ("skip", "error"))
         _choice("inner_state", self.inner_state, INNER_STATES)
-        if isinstance(self.inner_warmup, bool) or not isinstance(self.inner_warmup, int) or self.inner_warmup < 0:
+        warmup = self.inner_warmup
+        if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
             raise ValueError(f"--inner-warmup must be an integer >= 0, got {self.inner_warmup!r}")
         _choice("export_hf", self.export_hf, EXPORT_HF)
         if self.init_from is not None and (not self.init_from.strip() or "://" in self.init_from):
@@ -285,6 +287,8 @@ class TrainConfig:
                 values[key] = value
         if values["lr"] is None:
             values["lr"] = recipe["lr"][self.optimizer]
+        if values["inner_warmup"] is None:
+            values["inner_warmup"] = 0  # Algorithm 1: no warm-up inside a subspace
         if values["target_lr_scale"] is None and "target_lr_scale" in recipe:
             values["target_lr_scale"] = recipe["target_lr_scale"].get(self.optimizer)
         if values["steps"] is None and values["tokens"] is not None:
@@ -323,7 +327,7 @@ class TrainConfig:
             resample_every=self.resample_every,
             inner_optimizer=self.inner_optimizer,
             inner_state=self.inner_state,
-            inner_warmup=self.inner_warmup,
+            inner_warmup=self.inner_warmup or 0,
             galore_update_proj_gap=self.resample_every,
             seed=self.seed,
             **kwargs,
@@ -337,9 +341,10 @@ class TrainConfig:
 # re-tuned here); small models tuned to finish quickly on a CPU. llama-tiny's lr and target_lr_scale are the
 # best of the real-text convergence benchmark (benchmarks/results/convergence_llama-tiny_r32.md, 1000 steps,
 # r/d = 1/4): every method at lr 1e-2 for embeddings, norms and lm_head, and a smaller step for the block
-# linears (AdamW 1/8, RSO's B 1/4, GaLore's scale 1/4). llama-mini takes llama-tiny's (not measured).
+# linears (AdamW 1/8, RSO's B 1/4, GaLore's scale 1/4), and RSO's B warmed up over the first 10 steps of each
+# subspace. llama-mini takes llama-tiny's (not measured). --target-lr-scale 1 --inner-warmup 0 is Algorithm 1.
 _TINY_LR: dict[str, Any] = dict(lr={"rso": 1e-2, "adamw": 1e-2, "galore": 1e-2},
-                                target_lr_scale={"rso": 0.25, "adamw": 0.125, "galore": 0.25})
+                                target_lr_scale={"rso": 0.25, "adamw": 0.125, "galore": 0.25}, inner_warmup=10)
 _PAPER = dict(global_batch_size=512, resample_every=200, eval_every=1000, eval_tokens=10_000_000)
 RECIPES: dict[str, dict[str, Any]] = {
     "llama-micro": dict(steps=40, rank=16, global_batch_size=8, micro_batch_size=8, resample_every=10,

@@ -132,3 +132,13 @@ def test_small_model_recipes_take_the_tuned_target_lr_scale(optimizer: str, scal
     assert paper.method_config().target_scale == (0.25 if optimizer == "galore" else 1.0)
     explicit, _ = parse_config(["--optimizer", optimizer, "--target-lr-scale", "1"])
     assert explicit.method_config().target_scale == 1.0  # the command line wins over the recipe
+
+
+def test_inner_warmup_comes_from_the_recipe_else_algorithm_1() -> None:
+    tiny, _ = parse_config([])
+    assert tiny.method_config().inner_warmup == 10
+    paper, _ = parse_config(["--model", "llama-60m"])
+    assert paper.method_config().inner_warmup == 0
+    algorithm_1, _ = parse_config(["--target-lr-scale", "1", "--inner-warmup", "0"])
+    method = algorithm_1.method_config()
+    assert (method.target_scale, method.inner_warmup, method.inner_state) == (1.0, 0, "reset")
