@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         "their eval losses at each evaluation (e.g. the better of AdamW and GaLore)")
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                    help="train nothing: report the runs of earlier --out JSON files of the same settings together")
+    p.add_argument("--plot", nargs="+", default=None, metavar="LABEL",
+                   help="the variants drawn in the figure (default: all); the tables list all")
     p.add_argument("--mlflow-tracking-uri", default=None, help="also log the figures and tables to an MLflow run")
     p.add_argument("--eval-tokens", type=int, default=65536)
     p.add_argument("--eval-every", type=int, default=100)
@@ -196,7 +198,7 @@ def merge_results(paths: list[Path]) -> dict:
         merged["memory"] |= data["memory"]
         merged["runs"] += [r | {"batch": i} for r in data["runs"] if (r["method"], r["lr"]) not in
                            {(m["method"], m["lr"]) for m in merged["runs"]}]
-        merged["command"].append(data["command"])
+        merged["command"] += data["command"] if isinstance(data["command"], list) else [data["command"]]
         merged["wall_time_s"] += data.get("wall_time_s") or []
     return merged
 
@@ -268,7 +270,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = results | {"best": {k: {"lr": v["lr"], "final_eval_loss": v["evals"][-1][1]} for k, v in best.items()}}
         args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-        plot_curves(best, args.out.with_suffix(".png"), settings)
+        drawn = {k: v for k, v in best.items() if args.plot is None or k in args.plot}
+        plot_curves(drawn, results["variants"], base, args.out.with_suffix(".png"), settings)
         commands = results["command"] if isinstance(results["command"], list) else [results["command"]]
         merged = f"`python {' '.join(sys.argv)}` over the runs of\n\n" if args.merge else ""
         args.out.with_suffix(".md").write_text(
@@ -294,25 +297,33 @@ def worst_ratio(evals: list[tuple[int, float]], base: list[tuple[int, float]], s
     return max(loss / ref[step] for step, loss in evals if step > steps // 10 and step in ref)
 
 
-def plot_curves(best: dict[str, dict], path: Path, title: str) -> None:
-    """Eval loss and perplexity against step, one line per variant at its best lr."""
+def plot_curves(best: dict[str, dict], variants: dict[str, dict], base: dict | None, path: Path, title: str) -> None:
+    """Eval loss, perplexity and (with a base) the ratio to the base against step, one line per variant at
+    its best lr; the line style says the method (AdamW solid, GaLore dashed, RSO dash-dot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"adamw": "-", "galore": "--", "rso": "-."}
+    panels = 3 if base is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    ref = dict(base["evals"]) if base is not None else {}
     for name, r in best.items():
         steps = [s for s, _ in r["evals"]]
         losses = [v for _, v in r["evals"]]
-        style = "-" if name == "adamw" else ("--" if name.startswith("galore") else "-.")
-        ax_loss.plot(steps, losses, style, label=f"{name} (lr {r['lr']:g})")
-        ax_ppl.plot(steps, [math.exp(v) for v in losses], style, label=name)
-    ax_loss.set(xlabel="step", ylabel="eval loss (nats)")
-    ax_ppl.set(xlabel="step", ylabel="eval perplexity", yscale="log")
-    for ax in (ax_loss, ax_ppl):
+        style = styles.get(variants.get(name, {}).get("method", ""), ":")
+        axes[0].plot(steps, losses, style, label=f"{name} (lr {r['lr']:g})")
+        axes[1].plot(steps, [math.exp(v) for v in losses], style, label=name)
+        if base is not None:
+            axes[2].plot(steps, [v / ref[s] for s, v in zip(steps, losses, strict=True)], style, label=name)
+    axes[0].set(xlabel="step", ylabel="eval loss (nats)")
+    axes[1].set(xlabel="step", ylabel="eval perplexity", yscale="log")
+    if base is not None:
+        axes[2].set(xlabel="step", ylabel="eval loss / base", ylim=(0.97, 1.10))
+    for ax in axes:
         ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle(title[:150] + ("..." if len(title) > 150 else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
