@@ -117,3 +117,15 @@ def test_relative_storage_path_is_resolved_where_the_sweep_starts(tmp_path: Path
     assert spec.storage_path == str(tmp_path / "my_runs")
     monkeypatch.chdir("/")  # a trial's working folder
     assert spec.storage_path == str(tmp_path / "my_runs")
+
+
+def test_check_runs_the_methods_own_checks(tmp_path: Path) -> None:
+    """inner_state keep_second needs an Adam inner optimizer: a sweep pairing it with sgd fails at --check."""
+    path = tmp_path / "ks.yaml"
+    path.write_text(
+        "name: ks\nbase: {model: llama-micro, optimizer: rso, inner_optimizer: sgd, steps: 4}\n"
+        "search_space:\n  inner_state: {grid: [reset, keep_second]}\nmetric: eval_loss\nmode: min\n"
+    )
+    with pytest.raises(ValueError, match=r"inner_state.*value 'keep_second' is not valid: inner_state 'keep_second' "
+                                         r"needs an Adam inner optimizer, not 'sgd'"):
+        load_sweep(path)

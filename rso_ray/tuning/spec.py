@@ -263,9 +263,10 @@ def _check_values(spec: SweepSpec, fail: Any) -> None:
         for value in dim.extremes():
             try:
                 cfg = config_from_dict(spec.trial_values({dim.key: value}), source=spec.path).with_recipe()
+                method = cfg.method_config()  # the method's own checks (e.g. inner_state against the optimizer)
                 if dim.key in ("rank", "target_modules", "optimizer", "inner_optimizer", "model"):
                     build_method(build_model(cfg.model, device="meta", vocab_size=8192 if cfg.model in DEMO_MODELS else None),
-                                 cfg.method_config())
+                                 method)
             except (ValueError, TypeError) as err:
                 raise fail(keys, f"value {value!r} is not valid: {err}") from None
     if spec.scheduler.get("max_t") and base.steps and spec.scheduler["max_t"] > base.steps:
