@@ -306,11 +306,10 @@ class AdamWMethod(TrainingMethod):
     def _from_one_group(self, saved: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint of rso_ray before target_lr_scale held AdamW's parameters in one group, in
         model.parameters() order: renumber its states into today's two groups (non-targets, targets)."""
-        old_order = [id(p) for p in self.model.parameters() if p.requires_grad]
-        new_order = [id(p) for g in self.optimizers[0].param_groups for p in g["params"]]
-        if sorted(old_order) != sorted(new_order) or len(saved["param_groups"][0]["params"]) != len(old_order):
+        old_order = [id(p) for p in self.model.parameters() if p.requires_grad]  # the same set as the groups'
+        if len(saved["param_groups"][0]["params"]) != len(old_order):
             raise ValueError("the checkpoint's AdamW state does not match this model's parameters")
-        index = {pid: i for i, pid in enumerate(new_order)}
+        index = {id(p): i for i, p in enumerate(p for g in self.optimizers[0].param_groups for p in g["params"])}
         renumber = {old: index[pid] for old, pid in zip(saved["param_groups"][0]["params"], old_order, strict=True)}
         groups = [dict(saved["param_groups"][0], **{k: g[k] for k in ("lr", "initial_lr")},
                        params=[index[id(p)] for p in g["params"]])
