@@ -48,7 +48,9 @@ class TrainConfig:
         "RSO proximal step eta: B's gradient gets B/eta; inf (default) disables the term"))
     resample_every: int | None = field(default=None, metadata=_help(
         "RSO: inner steps per subspace (tau); GaLore: steps between projector refreshes (recipe: 200, 500 for 7b)"))
-    projection: str = field(default="haar", metadata=_help("RSO projection: haar (default), gaussian, coordinate"))
+    projection: str | None = field(default=None, metadata=_help(
+        "RSO projection: haar, gaussian or coordinate (default: the recipe's, coordinate for llama-tiny and "
+        "llama-mini; else haar, as in the paper)"))
     inner_optimizer: str = field(default="adam", metadata=_help(
         "RSO inner optimizer of B: adam (default), adamw, sgd (momentum 0.9), any torch.optim class name"))
     inner_state: str = field(default="reset", metadata=_help(
@@ -57,6 +59,11 @@ class TrainConfig:
     inner_warmup: int | None = field(default=None, metadata=_help(
         "RSO: steps of linear lr warm-up of B at the start of each subspace (default: the recipe's, 10 for "
         "llama-tiny and llama-mini; else 0, Algorithm 1)"))
+    algorithm_1: bool = field(default=False, metadata=_help(
+        "RSO exactly as the paper's Algorithm 1, whatever the recipe tunes: one lr for B and every other "
+        "parameter (--target-lr-scale 1), no warm-up inside a subspace (--inner-warmup 0), B's Adam restarted at "
+        "each resample (--inner-state reset) and Haar P unless --projection says otherwise (the bare flag means "
+        "true; default false)", const=True))
     target_modules: list[str] | None = field(default=None, metadata=_help(
         "layers trained in subspaces (names or dotted suffixes); default: attention and MLP linears of LLaMA"))
     init_from: str | None = field(default=None, metadata=_help(
@@ -172,7 +179,8 @@ class TrainConfig:
         except ValueError as err:
             raise ValueError(f"--model: {err}") from None
         _choice("optimizer", self.optimizer, METHODS)
-        _choice("projection", self.projection, PROJECTIONS)
+        if self.projection is not None:
+            _choice("projection", self.projection, PROJECTIONS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("use_gpu", self.use_gpu, USE_GPU)
         _choice("parallelism", self.parallelism, PARALLELISMS)
@@ -183,6 +191,7 @@ class TrainConfig:
         warmup = self.inner_warmup
         if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
             raise ValueError(f"--inner-warmup must be an integer >= 0, got {self.inner_warmup!r}")
+        self._check_algorithm_1()
         _choice("export_hf", self.export_hf, EXPORT_HF)
         if self.init_from is not None and (not self.init_from.strip() or "://" in self.init_from):
             raise ValueError(f"--init-from must be a hub id or a local folder, got {self.init_from!r}")
@@ -238,6 +247,20 @@ class TrainConfig:
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
             raise ValueError(f"--run-name must be a plain name (no '/', not starting with '.'), got {self.run_name!r}")
 
+    def _check_algorithm_1(self) -> None:
+        if not isinstance(self.algorithm_1, bool):
+            raise ValueError(f"--algorithm-1 must be true or false, got {self.algorithm_1!r}")
+        if not self.algorithm_1:
+            return
+        if self.optimizer != "rso":
+            raise ValueError(f"--algorithm-1 is RSO's Algorithm 1; it does not apply to --optimizer {self.optimizer}")
+        contradicting = [f"--{_flag(name)} {value}" for name, value, allowed in (
+            ("target_lr_scale", self.target_lr_scale, (None, 1)), ("inner_warmup", self.inner_warmup, (None, 0)),
+            ("inner_state", self.inner_state, ("reset",))) if value not in allowed]
+        if contradicting:
+            raise ValueError("--algorithm-1 means --target-lr-scale 1 --inner-warmup 0 --inner-state reset; "
+                             f"it contradicts {', '.join(contradicting)}")
+
     # -- derived values ----------------------------------------------------------------------------
     def uses_gpu(self, cluster_gpus: float) -> bool:
         """GPU workers or not, on a cluster with ``cluster_gpus`` GPUs (--use-gpu auto: when it has any)."""
@@ -287,8 +310,13 @@ class TrainConfig:
                 values[key] = value
         if values["lr"] is None:
             values["lr"] = recipe["lr"][self.optimizer]
+        if self.algorithm_1:  # the recipe's levers give way; --projection still picks P
+            values["target_lr_scale"], values["inner_warmup"] = 1.0, 0
+            values["projection"] = self.projection or "haar"
         if values["inner_warmup"] is None:
             values["inner_warmup"] = 0  # Algorithm 1: no warm-up inside a subspace
+        if values["projection"] is None:
+            values["projection"] = "haar"  # the paper's P
         if values["target_lr_scale"] is None and "target_lr_scale" in recipe:
             values["target_lr_scale"] = recipe["target_lr_scale"].get(self.optimizer)
         if values["steps"] is None and values["tokens"] is not None:
@@ -309,7 +337,7 @@ class TrainConfig:
     def method_config(self) -> MethodConfig:
         """The core optimizer settings (call on a config with the recipe applied)."""
         assert self.steps is not None and self.rank is not None and self.resample_every is not None
-        assert self.lr is not None
+        assert self.lr is not None and self.projection is not None
         kwargs: dict[str, Any] = {}
         if self.target_modules is not None:
             kwargs["target_modules"] = list(self.target_modules)
@@ -344,7 +372,8 @@ class TrainConfig:
 # linears (AdamW 1/8, RSO's B 1/4, GaLore's scale 1/4), and RSO's B warmed up over the first 10 steps of each
 # subspace. llama-mini takes llama-tiny's (not measured). --target-lr-scale 1 --inner-warmup 0 is Algorithm 1.
 _TINY_LR: dict[str, Any] = dict(lr={"rso": 1e-2, "adamw": 1e-2, "galore": 1e-2},
-                                target_lr_scale={"rso": 0.25, "adamw": 0.125, "galore": 0.25}, inner_warmup=10)
+                                target_lr_scale={"rso": 0.25, "adamw": 0.125, "galore": 0.25}, inner_warmup=10,
+                                projection="coordinate")
 _PAPER = dict(global_batch_size=512, resample_every=200, eval_every=1000, eval_tokens=10_000_000)
 RECIPES: dict[str, dict[str, Any]] = {
     "llama-micro": dict(steps=40, rank=16, global_batch_size=8, micro_batch_size=8, resample_every=10,

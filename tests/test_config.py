@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ def test_defaults_are_the_offline_demo() -> None:
     cfg, _ = parse_config([])
     assert (cfg.model, cfg.optimizer, cfg.data, cfg.tokenizer) == ("llama-tiny", "rso", "embedded", "embedded")
     assert cfg.steps == RECIPES["llama-tiny"]["steps"] and cfg.rank == 64 and cfg.seq_len == 256
-    assert cfg.eta == math.inf and cfg.projection == "haar"
+    assert cfg.eta == math.inf and cfg.projection == "coordinate"  # the small models' recipe
     assert cfg.mlflow_tracking_uri.startswith("sqlite:///") and cfg.mlflow_tracking_uri.endswith("mlflow.db")
     assert Path(cfg.storage_path).is_absolute()
 
@@ -142,3 +143,28 @@ def test_inner_warmup_comes_from_the_recipe_else_algorithm_1() -> None:
     algorithm_1, _ = parse_config(["--target-lr-scale", "1", "--inner-warmup", "0"])
     method = algorithm_1.method_config()
     assert (method.target_scale, method.inner_warmup, method.inner_state) == (1.0, 0, "reset")
+
+
+def test_algorithm_1_is_one_option_away() -> None:
+    tiny, _ = parse_config([])
+    assert (tiny.target_lr_scale, tiny.inner_warmup, tiny.projection) == (0.25, 10, "coordinate")  # the recipe
+    exact, _ = parse_config(["--algorithm-1"])
+    method = exact.method_config()
+    assert (method.target_scale, method.inner_warmup, method.inner_state, method.projection) == (1.0, 0, "reset", "haar")
+    assert method.lr == tiny.lr  # the recipe's lr stays: one lr for every parameter
+    coordinate, _ = parse_config(["--algorithm-1", "--projection", "coordinate", "--inner-warmup", "0"])
+    assert (coordinate.projection, coordinate.inner_warmup) == ("coordinate", 0)  # P stays the user's choice
+    paper, _ = parse_config(["--model", "llama-60m"])
+    assert (paper.projection, paper.method_config().target_scale, paper.inner_warmup) == ("haar", 1.0, 0)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--algorithm-1", "--target-lr-scale", "0.25"], "it contradicts --target-lr-scale 0.25"),
+    (["--algorithm-1", "--inner-warmup", "10", "--inner-state", "keep_second"],
+     "it contradicts --inner-warmup 10, --inner-state keep_second"),
+    (["--algorithm-1", "--optimizer", "adamw"], "it does not apply to --optimizer adamw"),
+    (["--algorithm-1", "maybe"], "--algorithm-1: expected true or false, got 'maybe'"),
+])
+def test_algorithm_1_rejects_what_contradicts_it(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_config(argv)
