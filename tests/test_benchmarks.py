@@ -1,0 +1,103 @@
+"""benchmarks/compare_methods.py: the script behind the committed convergence tables.
+
+Its --merge rests on one claim, tested here: a variant's curve does not depend on which other runs share
+its invocation (same model, data, batches and seed give the same curve). The ratios in its table are
+checked against the JSON it writes, and the MLflow copy against the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "compare_methods.py"
+pytestmark = pytest.mark.slow  # each case starts the script in a subprocess (torch import, training)
+
+COMMON = ["--model", "llama-micro", "--steps", "6", "--eval-every", "3", "--eval-tokens", "512", "--batch-size", "2",
+          "--seq-len", "32", "--rank", "8", "--resample-every", "3"]
+
+
+def compare(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_batches(tmp_path_factory) -> Path:
+    """Batch 0: AdamW and RSO side by side; batch 1: RSO alone, and GaLore."""
+    d = tmp_path_factory.mktemp("compare")
+    compare(*COMMON, "--variants", "adamw", "rso-c:rso:projection=coordinate:target_lr_scale=0.5",
+            "--lrs", "adamw=3e-3", "rso-c=1e-2", "--out", d / "a")
+    compare(*COMMON, "--variants", "rso-c:rso:projection=coordinate:target_lr_scale=0.5", "galore",
+            "--lrs", "rso-c=1e-2", "galore=1e-2", "--out", d / "b")
+    return d
+
+
+def test_a_curve_does_not_depend_on_its_batch(two_batches: Path) -> None:
+    a, b = (json.loads((two_batches / f"{x}.json").read_text()) for x in "ab")
+    (ra,) = [r for r in a["runs"] if r["method"] == "rso-c"]
+    (rb,) = [r for r in b["runs"] if r["method"] == "rso-c"]
+    assert [s for s, _ in ra["evals"]] == [3, 6]
+    assert ra["evals"] == rb["evals"] and ra["losses"] == rb["losses"]  # bit for bit, not close
+
+
+def test_merged_table_holds_the_ratios_of_the_json(two_batches: Path) -> None:
+    d = two_batches
+    compare("--merge", d / "a.json", d / "b.json", "--baseline", "adamw", "galore", "--out", d / "m")
+    merged = json.loads((d / "m.json").read_text())
+    assert sorted(r["method"] for r in merged["runs"]) == ["adamw", "galore", "rso-c"]  # rso-c once, from batch 0
+    evals = {r["method"]: dict(map(tuple, r["evals"])) for r in merged["runs"]}
+    final = max(evals["adamw"])
+    base = min(evals["adamw"][final], evals["galore"][final])
+    row = next(line for line in (d / "m.md").read_text().splitlines() if line.startswith("| rso-c "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{evals['rso-c'][final]:.4f}" and cells[3] == f"{math.exp(evals['rso-c'][final]):.2f}"
+    assert cells[4] == f"{evals['rso-c'][final] / base:.3f}"
+    worst = max(v / min(evals["adamw"][s], evals["galore"][s]) for s, v in evals["rso-c"].items() if s > 6 // 10)
+    assert cells[5] == f"{worst:.3f}"
+    assert (d / "m.png").stat().st_size > 10_000
+
+
+def test_merge_refuses_runs_of_other_settings(two_batches: Path, tmp_path: Path) -> None:
+    other = json.loads((two_batches / "b.json").read_text())
+    other["settings"]["seq_len"] = 64
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    out = compare("--merge", two_batches / "a.json", tmp_path / "c.json", "--out", tmp_path / "m", check=False)
+    assert out.returncode != 0 and f"{tmp_path / 'c.json'} differs from {two_batches / 'a.json'} in seq_len" in out.stderr
+    clash = json.loads((two_batches / "b.json").read_text())
+    clash["variants"]["rso-c"]["target_lr_scale"] = 0.25
+    (tmp_path / "d.json").write_text(json.dumps(clash))
+    out = compare("--merge", two_batches / "a.json", tmp_path / "d.json", "--out", tmp_path / "m", check=False)
+    assert out.returncode != 0 and "label 'rso-c' means" in out.stderr
+
+
+def test_bad_variants_are_refused_before_training(tmp_path: Path) -> None:
+    out = compare(*COMMON, "--variants", "x:sgd", check=False)
+    assert out.returncode != 0 and "--variants: 'x:sgd': the method must be one of rso, adamw, galore" in out.stderr
+    out = compare(*COMMON, "--variants", "rso:rso:rnk=4", check=False)
+    assert out.returncode != 0 and "'rnk=4' is not key=value with key in rank" in out.stderr
+
+
+def test_the_mlflow_copy_holds_the_curves(two_batches: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = compare("--merge", two_batches / "a.json", "--out", tmp_path / "m", "--mlflow-tracking-uri", uri)
+    run_id = out.stdout.split("logged to MLflow run ")[1].split()[0]
+    client = MlflowClient(uri)
+    a = json.loads((two_batches / "a.json").read_text())
+    for r in a["runs"]:
+        logged = [(m.step, m.value) for m in client.get_metric_history(run_id, f"eval_loss.{r['method']}")]
+        assert sorted(logged) == [tuple(e) for e in r["evals"]]
+    artifacts = {f.path for f in client.list_artifacts(run_id)}
+    assert artifacts == {"m.json", "m.md", "m.png"}
+    assert client.get_run(run_id).info.status == "FINISHED"
