@@ -175,9 +175,9 @@ def train_runs(args: argparse.Namespace) -> dict:
 
 def merge_results(paths: list[Path]) -> dict:
     """The runs of several --out JSON files with the same settings (SAME_SETTINGS), as one record. Each
-    run keeps the index of its file ("batch"): step times compare only within one batch."""
+    run keeps the index of the invocation that trained it ("batch"): step times compare only within one batch."""
     merged: dict = {}
-    for i, path in enumerate(paths):
+    for path in paths:
         if not path.is_file():
             raise SystemExit(f"--merge: no such file {path}")
         data = _with_recorded_facts(json.loads(path.read_text()), path)
@@ -196,8 +196,10 @@ def merge_results(paths: list[Path]) -> dict:
                 raise SystemExit(f"--merge: label {label!r} means {full} in {path} but {merged['variants'][label]} before")
             merged["variants"][label] = full
         merged["memory"] |= data["memory"]
-        merged["runs"] += [r | {"batch": i} for r in data["runs"] if (r["method"], r["lr"]) not in
-                           {(m["method"], m["lr"]) for m in merged["runs"]}]
+        # A file that is itself a merge keeps its runs' batches apart: batch numbers count the invocations.
+        first_batch = len(merged["wall_time_s"])
+        merged["runs"] += [r | {"batch": first_batch + r.get("batch", 0)} for r in data["runs"]
+                           if (r["method"], r["lr"]) not in {(m["method"], m["lr"]) for m in merged["runs"]}]
         merged["command"] += data["command"] if isinstance(data["command"], list) else [data["command"]]
         merged["wall_time_s"] += data.get("wall_time_s") or []
     return merged

@@ -65,6 +65,11 @@ def test_merged_table_holds_the_ratios_of_the_json(two_batches: Path) -> None:
     worst = max(v / min(evals["adamw"][s], evals["galore"][s]) for s, v in evals["rso-c"].items() if s > 6 // 10)
     assert cells[5] == f"{worst:.3f}"
     assert (d / "m.png").stat().st_size > 10_000
+    assert {r["method"]: r["batch"] for r in merged["runs"]} == {"adamw": 0, "rso-c": 0, "galore": 1}
+    compare("--merge", d / "m.json", d / "a.json", "--out", d / "again")  # a merge of a merge: batches kept
+    again = json.loads((d / "again.json").read_text())
+    assert {r["method"]: r["batch"] for r in again["runs"]} == {"adamw": 0, "rso-c": 0, "galore": 1}
+    assert len(again["wall_time_s"]) == 3 and again["runs"] == merged["runs"]
 
 
 def test_merge_refuses_runs_of_other_settings(two_batches: Path, tmp_path: Path) -> None:
