@@ -370,7 +370,10 @@ class TrainConfig:
 # best of the real-text convergence benchmark (benchmarks/results/convergence_llama-tiny_r32.md, 1000 steps,
 # r/d = 1/4): every method at lr 1e-2 for embeddings, norms and lm_head, and a smaller step for the block
 # linears (AdamW 1/8, RSO's B 1/4, GaLore's scale 1/4), and RSO's B warmed up over the first 10 steps of each
-# subspace. llama-mini takes llama-tiny's (not measured). --target-lr-scale 1 --inner-warmup 0 is Algorithm 1.
+# subspace. Coordinate P: level with Haar on llama-tiny at r/d = 1/4 (4.2518 vs 4.2488, inside one seed's
+# noise), ahead at r/d = 1/2 (4.2000 vs 4.2167) and on llama-mini (4.2553 vs 4.3691,
+# benchmarks/results/convergence_llama-mini.md), and cheaper. llama-mini takes llama-tiny's settings, measured
+# there (RSO 1.006 of AdamW) but not re-tuned. --algorithm-1 is the paper's Algorithm 1 (with_recipe).
 _TINY_LR: dict[str, Any] = dict(lr={"rso": 1e-2, "adamw": 1e-2, "galore": 1e-2},
                                 target_lr_scale={"rso": 0.25, "adamw": 0.125, "galore": 0.25}, inner_warmup=10,
                                 projection="coordinate")
