@@ -198,8 +198,9 @@ def merge_results(paths: list[Path]) -> dict:
         merged["memory"] |= data["memory"]
         # A file that is itself a merge keeps its runs' batches apart: batch numbers count the invocations.
         first_batch = len(merged["wall_time_s"])
+        seen = {(m["method"], m["lr"]) for m in merged["runs"]}
         merged["runs"] += [r | {"batch": first_batch + r.get("batch", 0)} for r in data["runs"]
-                           if (r["method"], r["lr"]) not in {(m["method"], m["lr"]) for m in merged["runs"]}]
+                           if (r["method"], r["lr"]) not in seen]
         merged["command"] += data["command"] if isinstance(data["command"], list) else [data["command"]]
         merged["wall_time_s"] += data.get("wall_time_s") or []
     return merged
