@@ -44,6 +44,8 @@ from rso_ray.models import build_model
 from rso_ray.training.engine import evaluate, train_step
 
 DEFAULT_LRS = {"rso": [1e-3, 3e-3, 6e-3], "adamw": [1e-3, 3e-3, 6e-3], "galore": [3e-3, 1e-2, 3e-2]}
+# The settings a variant takes from the command line (--rank, --resample-every, --projection) unless it names them.
+COMMAND_DEFAULTS = {"rso": ("rank", "resample_every", "projection"), "galore": ("rank", "resample_every")}
 VARIANT_KEYS = {"rank": int, "projection": str, "resample_every": int, "eta": float, "inner_optimizer": str,
                 "target_lr_scale": float, "inner_state": str, "inner_warmup": int}
 
@@ -161,7 +163,7 @@ def train_runs(args: argparse.Namespace) -> dict:
         method = build_method(model, method_config(name, 1e-3, 10))
         memory[name] = measure_step(model, method, ids, autocast_dtype=amp).as_dict()
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{torch.get_num_threads()} CPU threads ({platform.machine()})")
+               else f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''} ({platform.machine()})")
     return {
         "command": "python " + " ".join(sys.argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"lrs": lrs},
@@ -183,15 +185,14 @@ def merge_results(paths: list[Path]) -> dict:
         data = _with_recorded_facts(json.loads(path.read_text()), path)
         if not merged:
             merged = {k: data.get(k) for k in ("settings", "memory", "vocab", "eval_sequences", "machine")}
-            merged |= {"command": [], "runs": [], "variants": {}, "wall_time_s": []}
+            merged |= {"command": [], "runs": [], "variants": {}, "wall_time_s": [], "batch_machines": []}
         diff = [k for k in SAME_SETTINGS if data["settings"].get(k) != merged["settings"].get(k)]
         if diff:
             raise SystemExit(f"--merge: {path} differs from {paths[0]} in {', '.join(diff)}: its runs are not comparable")
         for label, spec in data["variants"].items():
             # Each file's defaults (rank, tau, projection) made explicit, so that labels from two files
             # cannot hide two different settings.
-            keys = {"rso": ("rank", "resample_every", "projection"), "galore": ("rank", "resample_every")}
-            full = {k: data["settings"][k] for k in keys.get(spec["method"], ())} | spec
+            full = {k: data["settings"][k] for k in COMMAND_DEFAULTS.get(spec["method"], ())} | spec
             if label in merged["variants"] and merged["variants"][label] != full:
                 raise SystemExit(f"--merge: label {label!r} means {full} in {path} but {merged['variants'][label]} before")
             merged["variants"][label] = full
@@ -203,7 +204,22 @@ def merge_results(paths: list[Path]) -> dict:
                            if (r["method"], r["lr"]) not in seen]
         merged["command"] += data["command"] if isinstance(data["command"], list) else [data["command"]]
         merged["wall_time_s"] += data.get("wall_time_s") or []
+        # The machine of each batch: runs merged from invocations on 1 and on 2 threads must not all be
+        # reported as the first file's.
+        merged["batch_machines"] += data.get("batch_machines") or [data["machine"]] * len(data.get("wall_time_s") or [])
+    merged["machine"] = describe_machines(merged["batch_machines"]) or merged["machine"]
     return merged
+
+
+def describe_machines(batch_machines: list[str]) -> str:
+    """One machine: its name; several: each with the batches (counted from 1, in the order of the wall
+    times) that ran on it."""
+    batches: dict[str, list[int]] = {}
+    for i, machine in enumerate(batch_machines, start=1):
+        batches.setdefault(machine, []).append(i)
+    if len(batches) <= 1:
+        return next(iter(batches), "")
+    return ", ".join(f"{m} (batch{'es' if len(b) > 1 else ''} {', '.join(map(str, b))})" for m, b in batches.items())
 
 
 def _with_recorded_facts(data: dict, path: Path) -> dict:
@@ -221,6 +237,15 @@ def _with_recorded_facts(data: dict, path: Path) -> dict:
         raise SystemExit(f"--merge: {path} does not record {', '.join(missing)} and {md} does not say them")
     return data | {"vocab": int(found["vocab"].group(1)), "eval_sequences": int(found["eval_sequences"].group(1)),
                    "machine": found["machine"].group(1), "wall_time_s": [float(found["wall_time_s"].group(1))]}
+
+
+def _defaults_used(variants: dict, settings: dict) -> str:
+    """The command's rank, tau and projection, named only where some variant takes them (a merged file's
+    variants name all of theirs)."""
+    used = [k for k in ("rank", "resample_every", "projection")
+            if any(k in COMMAND_DEFAULTS.get(v["method"], ()) and k not in v for v in variants.values())]
+    names = {"rank": "rank", "resample_every": "tau", "projection": "projection"}
+    return f" (else {', '.join(f'{names[k]} {settings[k]}' for k in used)})" if used else ""
 
 
 def report(results: dict, args: argparse.Namespace) -> None:
@@ -261,7 +286,7 @@ def report(results: dict, args: argparse.Namespace) -> None:
         f"{settings_of['seq_len']} tokens ({steps * settings_of['batch_size'] * settings_of['seq_len']:,} tokens), variants "
         + "; ".join(f"{k} = {v['method']}" + "".join(f" {kk}={vv}" for kk, vv in v.items() if kk != "method")
                     for k, v in results["variants"].items())
-        + f" (else rank {settings_of['rank']}, tau {settings_of['resample_every']}, projection {settings_of['projection']}), "
+        + _defaults_used(results["variants"], settings_of) + ", "
         f"grad clip {settings_of['max_grad_norm']}, warmup 10% + cosine to 10%, {settings_of['precision']}; "
         f"eval on {results['eval_sequences']} x {settings_of['seq_len']} validation tokens; {results['machine']}; "
         + (f"wall time {results['wall_time_s'][0]:.0f}s" if batches == 1 else

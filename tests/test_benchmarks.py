@@ -72,6 +72,25 @@ def test_merged_table_holds_the_ratios_of_the_json(two_batches: Path) -> None:
     assert len(again["wall_time_s"]) == 3 and again["runs"] == merged["runs"]
 
 
+def test_merge_names_the_machine_of_each_batch(two_batches: Path, tmp_path: Path) -> None:
+    a = json.loads((two_batches / "a.json").read_text())
+    other = json.loads((two_batches / "b.json").read_text()) | {"machine": "torch 9.9 on 2 CPU threads (x86_64)"}
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    compare("--merge", two_batches / "a.json", tmp_path / "c.json", "--out", tmp_path / "m")
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["batch_machines"] == [a["machine"], "torch 9.9 on 2 CPU threads (x86_64)"]
+    settings_line = (tmp_path / "m.md").read_text()
+    assert f"; {a['machine']} (batch 1), torch 9.9 on 2 CPU threads (x86_64) (batch 2); 2 batches" in settings_line
+    # One invocation names the command's defaults that a variant takes (rso-c names its projection, adamw
+    # takes none); a merge has made every variant's settings explicit.
+    assert "target_lr_scale=0.5 (else rank 8, tau 3), grad clip" in (two_batches / "a.md").read_text()
+    assert "(else " not in settings_line
+    compare("--merge", tmp_path / "m.json", two_batches / "a.json", "--out", tmp_path / "again")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["batch_machines"] == [a["machine"], "torch 9.9 on 2 CPU threads (x86_64)", a["machine"]]
+    assert f"{a['machine']} (batches 1, 3), torch 9.9" in (tmp_path / "again.md").read_text()
+
+
 def test_merge_refuses_runs_of_other_settings(two_batches: Path, tmp_path: Path) -> None:
     other = json.loads((two_batches / "b.json").read_text())
     other["settings"]["seq_len"] = 64
