@@ -206,7 +206,9 @@ def merge_results(paths: list[Path]) -> dict:
         merged["wall_time_s"] += data.get("wall_time_s") or []
         # The machine of each batch: runs merged from invocations on 1 and on 2 threads must not all be
         # reported as the first file's.
-        merged["batch_machines"] += data.get("batch_machines") or [data["machine"]] * len(data.get("wall_time_s") or [])
+        machines = data.get("batch_machines") or [data["machine"]] * len(data.get("wall_time_s") or [])
+        # Files written before the singular was fixed say "1 CPU threads": the same machine as "1 CPU thread".
+        merged["batch_machines"] += [m.replace(" on 1 CPU threads ", " on 1 CPU thread ") for m in machines]
     merged["machine"] = describe_machines(merged["batch_machines"]) or merged["machine"]
     return merged
 

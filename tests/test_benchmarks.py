@@ -89,6 +89,12 @@ def test_merge_names_the_machine_of_each_batch(two_batches: Path, tmp_path: Path
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["batch_machines"] == [a["machine"], "torch 9.9 on 2 CPU threads (x86_64)", a["machine"]]
     assert f"{a['machine']} (batches 1, 3), torch 9.9" in (tmp_path / "again.md").read_text()
+    # The plural that files written before the fix hold for one thread names the same machine.
+    old = json.loads((two_batches / "b.json").read_text()) | {"machine": "torch 9.9 on 1 CPU threads (x86_64)"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    compare("--merge", tmp_path / "c.json", tmp_path / "old.json", "--out", tmp_path / "plural")
+    assert json.loads((tmp_path / "plural.json").read_text())["batch_machines"] == [
+        "torch 9.9 on 2 CPU threads (x86_64)", "torch 9.9 on 1 CPU thread (x86_64)"]
 
 
 def test_merge_refuses_runs_of_other_settings(two_batches: Path, tmp_path: Path) -> None:
