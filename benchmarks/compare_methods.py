@@ -162,8 +162,9 @@ def train_runs(args: argparse.Namespace) -> dict:
         model = build_model(args.model, vocab_size=vocab, seed=args.seed, device=device)
         method = build_method(model, method_config(name, 1e-3, 10))
         memory[name] = measure_step(model, method, ids, autocast_dtype=amp).as_dict()
+    threads = torch.get_num_threads()
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''} ({platform.machine()})")
+               else f"{threads} CPU thread{'s' if threads > 1 else ''} ({platform.machine()})")
     return {
         "command": "python " + " ".join(sys.argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"lrs": lrs},
@@ -184,7 +185,7 @@ def merge_results(paths: list[Path]) -> dict:
             raise SystemExit(f"--merge: no such file {path}")
         data = _with_recorded_facts(json.loads(path.read_text()), path)
         if not merged:
-            merged = {k: data.get(k) for k in ("settings", "memory", "vocab", "eval_sequences", "machine")}
+            merged = {k: data.get(k) for k in ("settings", "memory", "vocab", "eval_sequences")}
             merged |= {"command": [], "runs": [], "variants": {}, "wall_time_s": [], "batch_machines": []}
         diff = [k for k in SAME_SETTINGS if data["settings"].get(k) != merged["settings"].get(k)]
         if diff:
@@ -209,7 +210,7 @@ def merge_results(paths: list[Path]) -> dict:
         machines = data.get("batch_machines") or [data["machine"]] * len(data.get("wall_time_s") or [])
         # Files written before the singular was fixed say "1 CPU threads": the same machine as "1 CPU thread".
         merged["batch_machines"] += [m.replace(" on 1 CPU threads ", " on 1 CPU thread ") for m in machines]
-    merged["machine"] = describe_machines(merged["batch_machines"]) or merged["machine"]
+    merged["machine"] = describe_machines(merged["batch_machines"])
     return merged
 
 
@@ -219,8 +220,8 @@ def describe_machines(batch_machines: list[str]) -> str:
     batches: dict[str, list[int]] = {}
     for i, machine in enumerate(batch_machines, start=1):
         batches.setdefault(machine, []).append(i)
-    if len(batches) <= 1:
-        return next(iter(batches), "")
+    if len(batches) == 1:
+        return batch_machines[0]
     return ", ".join(f"{m} (batch{'es' if len(b) > 1 else ''} {', '.join(map(str, b))})" for m, b in batches.items())
 
 
