@@ -371,7 +371,7 @@ class TrainConfig:
 # r/d = 1/4): every method at lr 1e-2 for embeddings, norms and lm_head, and a smaller step for the block
 # linears (AdamW 1/8, RSO's B 1/4, GaLore's scale 1/4), and RSO's B warmed up over the first 10 steps of each
 # subspace. Coordinate P: level with Haar on llama-tiny at r/d = 1/4 (4.2518 vs 4.2488, inside one seed's
-# noise), ahead at r/d = 1/2 (4.2000 vs 4.2167) and on llama-mini (4.2553 vs 4.3691,
+# noise), ahead at r/d = 1/2 (4.2000 vs 4.2167) and on llama-mini (4.2481 vs 4.3126 at lr 6e-3,
 # benchmarks/results/convergence_llama-mini.md), and cheaper. llama-mini takes llama-tiny's step-size split and
 # levers with lr 6e-3, the best of a 3e-3 / 6e-3 / 1e-2 grid for each of AdamW, GaLore r48 and RSO r48 (inside
 # the grid for all three: RSO 1.015 of AdamW, 1.004 of GaLore r48). --algorithm-1 is the paper's Algorithm 1
