@@ -374,8 +374,8 @@ class TrainConfig:
 # noise), ahead at r/d = 1/2 (4.2000 vs 4.2167) and on llama-mini (4.2481 vs 4.3126 at lr 6e-3,
 # benchmarks/results/convergence_llama-mini.md), and cheaper. llama-mini takes llama-tiny's step-size split and
 # levers with lr 6e-3, the best of a 3e-3 / 6e-3 / 1e-2 grid for each of AdamW, GaLore r48 and RSO r48 (inside
-# the grid for all three: RSO 1.015 of AdamW, 1.004 of GaLore r48). --algorithm-1 is the paper's Algorithm 1
-# (with_recipe).
+# the grid for all three: RSO 1.015 of AdamW, 1.019 on a second seed; 1.004 of GaLore r48). --algorithm-1 is the
+# paper's Algorithm 1 (with_recipe).
 _TINY_LR: dict[str, Any] = dict(lr={"rso": 1e-2, "adamw": 1e-2, "galore": 1e-2},
                                 target_lr_scale={"rso": 0.25, "adamw": 0.125, "galore": 0.25}, inner_warmup=10,
                                 projection="coordinate")
