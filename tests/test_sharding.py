@@ -284,6 +284,46 @@ def test_sharded_checkpoint_reloads_on_other_world_sizes(name: str, tmp_path: An
         torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(written["losses"]), rtol=2e-6, atol=0.0)
 
 
+def _save_with_short_upload(rank: int, world: int, root: str, fail: str) -> str:
+    """Rank 1's upload of its shard goes wrong: ``truncate`` lands half the bytes and says nothing (what a
+    storage layer that drops the end of a stream does), ``raise`` lands half and fails."""
+    from rso_ray.training import storage
+
+    model, method = _setup(world, "adamw", TOTAL)
+    _steps(rank, world, model, method, batches(1))
+    if rank == 1:
+        real = storage.upload_file
+
+        def short(local: Any, uri: str) -> None:
+            if not uri.endswith(".distcp"):
+                return real(local, uri)
+            data = open(local, "rb").read()
+            storage.write_bytes(uri, data[: len(data) // 2])
+            if fail == "raise":
+                raise OSError("connection reset while uploading")
+            return None
+
+        storage.upload_file = short  # this process only (spawned): no monkeypatch to undo
+    try:
+        write_sharded_checkpoint(f"{root}/checkpoint_00000001", model=model, method=method, state={"step": 1})
+    except OSError as err:
+        return str(err)
+    return "written"
+
+
+@pytest.mark.parametrize("fail", ["truncate", "raise"])
+def test_a_partly_uploaded_sharded_checkpoint_is_not_complete(fail: str, tmp_path: Any) -> None:
+    """On object storage every rank uploads its own shards; rank 0 writes the marker only when every file
+    of every rank is there with the size its writer had, and every rank hears of a failed upload."""
+    from rso_ray.training.checkpoint import is_complete, latest_checkpoint
+
+    root = f"file://{tmp_path}/bucket/run"
+    said = run_ranks(2, _save_with_short_upload, root, fail)
+    assert all("checkpoint_00000001" in s and "incomplete" in s for s in said), said
+    assert "__1_0.distcp" in said[0]  # rank 0's error names the short file
+    assert not is_complete(f"{root}/checkpoint_00000001") and latest_checkpoint(root) is None
+
+
 @pytest.mark.parametrize("name", ["rso", "galore"])
 def test_whole_checkpoint_loads_into_sharded_model(name: str, tmp_path: Any) -> None:
     """A DDP (model.pt) checkpoint (RSO inside a subspace; GaLore with its whole low-rank states) continues

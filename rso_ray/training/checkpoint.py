@@ -181,17 +181,42 @@ def write_sharded_checkpoint(
         if rank == 0:
             torch.save(_scalars(method) | {"rng": _rng_state()}, folder / TRAIN_STATE_FILE)
             _write_state_json(folder, method, state, "dcp")
+        mine = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+        error = ""
         for p in sorted(folder.iterdir()):
-            storage.upload_file(p, storage.join(final, p.name))
-        _barrier()  # every rank's files are uploaded
-        if rank == 0:
+            try:
+                storage.upload_file(p, storage.join(final, p.name))
+            except OSError as err:  # told to every rank below: nobody waits for a marker that never comes
+                error = f"rank {rank} uploading {p.name}: {type(err).__name__}: {err}"
+                break
+        gathered = _all_gather((mine, error))
+        errors = [e for _, e in gathered if e]
+        if rank == 0 and not errors:
             if before_finish is not None:
                 before_finish(folder)
-            sizes = storage.file_sizes(final)
-            marker = json.dumps({"files": sizes, "step": state.get("step")}, indent=1).encode()
-            storage.write_bytes(storage.join(final, COMPLETE_FILE), marker)
-    _barrier()
+            expected = {name: size for sizes, _ in gathered for name, size in sizes.items()}
+            errors = _size_mismatch(storage.file_sizes(final), expected)
+            if not errors:
+                marker = json.dumps({"files": expected, "step": state.get("step")}, indent=1).encode()
+                storage.write_bytes(storage.join(final, COMPLETE_FILE), marker)
+        errors = _broadcast(errors)
+    if errors:
+        raise OSError(f"checkpoint upload to {final} is incomplete: {'; '.join(errors)}")
     return final
+
+
+def _size_mismatch(found: dict[str, int], expected: dict[str, int]) -> list[str]:
+    """What differs between the files in storage and those the writers staged."""
+    return [f"{name} has {found.get(name, 0)} of {size} bytes" for name, size in sorted(expected.items())
+            if found.get(name) != size]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _load_dcp(d: Path, model: nn.Module, method: TrainingMethod) -> dict[str, Any]:
