@@ -12,6 +12,7 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -297,7 +298,7 @@ def _save_with_short_upload(rank: int, world: int, root: str, fail: str) -> str:
         def short(local: Any, uri: str) -> None:
             if not uri.endswith(".distcp"):
                 return real(local, uri)
-            data = open(local, "rb").read()
+            data = Path(local).read_bytes()
             storage.write_bytes(uri, data[: len(data) // 2])
             if fail == "raise":
                 raise OSError("connection reset while uploading")
