@@ -9,7 +9,7 @@ Options are listed by --help; a --config YAML/JSON file gives defaults that the 
 
 from __future__ import annotations
 
-from .training.launch import main
+from .cluster.driver import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rso_ray.config import RECIPES, TrainConfig, build_parser, load_config_file, parse_config
-from rso_ray.training.worker import split_share
+from rso_ray.training.distributed import split_share
 
 
 def test_defaults_are_the_offline_demo() -> None:

@@ -1,4 +1,4 @@
-"""Tests of the embedded corpus (real English prose, rso_ray.data.real_corpus) and its tokenizer; all offline.
+"""Tests of the embedded corpus (real English prose, tools.build_corpus) and its tokenizer; all offline.
 
 The source packages are not needed: the shipped shards are checked as they are, and the build steps on small
 inputs made here. With RSO_CORPUS_SOURCE set to the folder the three .deb packages were extracted into (see
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rso_ray.data import real_corpus as rc
 from rso_ray.data.embedded_assets import embedded_dir, embedded_shards, embedded_tokenizer_dir
+from rso_ray.training.engine import unigram_entropy_nats
+from tools import build_corpus as rc
 
 TIMESTAMP_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 SHARD_RE = re.compile(r"^c4-(train|validation)\.(\d{5})-of-(\d{5})\.json\.gz$")
@@ -280,15 +281,15 @@ def test_rebuild_reproduces_the_shipped_shards(tmp_path: Path) -> None:
 
 
 def test_unigram_entropy_matches_independent_computation() -> None:
-    assert rc.unigram_entropy_nats([0, 1, 2, 3]) == pytest.approx(math.log(4))
-    assert rc.unigram_entropy_nats(np.array([[7, 7], [7, 7]])) == 0.0
+    assert unigram_entropy_nats([0, 1, 2, 3]) == pytest.approx(math.log(4))
+    assert unigram_entropy_nats(np.array([[7, 7], [7, 7]])) == 0.0
     tokens = [5, 5, 5, 9, 9, 2, 5, 9, 1, 1, 5]
     counts = collections.Counter(tokens)
     expected = -sum(c / len(tokens) * math.log(c / len(tokens)) for c in counts.values())
-    assert rc.unigram_entropy_nats(tokens) == pytest.approx(expected)
-    assert rc.unigram_entropy_nats(np.array(tokens, dtype=np.int32)) == pytest.approx(expected)
+    assert unigram_entropy_nats(tokens) == pytest.approx(expected)
+    assert unigram_entropy_nats(np.array(tokens, dtype=np.int32)) == pytest.approx(expected)
     with pytest.raises(ValueError, match="at least one token"):
-        rc.unigram_entropy_nats([])
+        unigram_entropy_nats([])
 
 
 def test_bad_split_names_are_rejected() -> None:

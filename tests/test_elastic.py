@@ -40,7 +40,7 @@ def test_remove_and_add_node(tmp_path: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from rso_ray.training.launch import QUIET_ENV, run
+    from rso_ray.cluster.driver import QUIET_ENV, run
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     node_args = {"num_cpus": 1, "resources": {"trainer": 1}}

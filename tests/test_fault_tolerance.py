@@ -37,7 +37,7 @@ def _config(tmp: Path, **overrides) -> TrainConfig:
 
 
 def _train(cfg: TrainConfig) -> dict:
-    from rso_ray.training.launch import run
+    from rso_ray.cluster.driver import run
 
     return run(cfg)
 

@@ -154,7 +154,7 @@ def test_export_logged_to_the_runs_mlflow_run(tmp_path: Path, capsys) -> None:
     mlflow loads back with the same weights."""
     import mlflow
 
-    from rso_ray.training import tracking
+    from rso_ray.cluster import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run(uri, "exp", "run")
@@ -264,8 +264,8 @@ def test_init_from_defaults_to_the_folder_architecture_and_tokenizer(tmp_path: P
 def test_init_from_checked_before_ray_starts(tmp_path: Path, capsys) -> None:
     import ray
 
-    from rso_ray.training.launch import main as train_main
-    from rso_ray.training.launch import prepare
+    from rso_ray.cluster.driver import main as train_main
+    from rso_ray.cluster.driver import prepare
 
     folder = _pretrained_folder(tmp_path)
     prep = prepare(parse_config(["--init-from", str(folder), "--model", "llama-micro"])[0])
@@ -302,7 +302,7 @@ def test_init_from_end_to_end_on_ray(tmp_path: Path) -> None:
     import ray
     from mlflow.tracking import MlflowClient
 
-    from rso_ray.training.launch import prepare, run
+    from rso_ray.cluster.driver import prepare, run
 
     folder = _pretrained_folder(tmp_path)
     cfg = config_from_dict(dict(

@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
+from rso_ray.cluster.runlock import LOCK_FILE, RunLock, RunLocked
 from rso_ray.config import TrainConfig, build_parser, config_from_dict
 from rso_ray.core.methods import MethodConfig, build_method
 from rso_ray.training import checkpoint as ckpt
 from rso_ray.training import storage
-from rso_ray.training.runlock import LOCK_FILE, RunLock, RunLocked
 
 
 def _method():
@@ -164,7 +164,7 @@ def test_console_filter_drops_ray_noise_and_summarizes_a_dead_worker() -> None:
     """Lines as Ray forwarded them in a 2-worker run with a killed worker (item 13 of issue 9)."""
     from ray._private.ray_logging import WorkerStandardStreamDispatcher
 
-    from rso_ray.training.ray_console import install_log_filter
+    from rso_ray.cluster.ray_console import install_log_filter
 
     dispatcher = WorkerStandardStreamDispatcher()
     printed: list[str] = []
@@ -201,7 +201,7 @@ def test_final_metrics_of_the_finished_attempt_replace_a_failed_attempts(tmp_pat
     so a failed attempt's numbers never stay as the run's result."""
     from mlflow.tracking import MlflowClient
 
-    from rso_ray.training import tracking
+    from rso_ray.cluster import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run(uri, "exp", "run")

@@ -37,7 +37,7 @@ def _history(cfg: TrainConfig, run_id: str, key: str) -> list[tuple[int, float]]
 
 
 def test_fsdp_two_workers_then_relaunch_on_one(ray_local, tmp_path: Path) -> None:
-    from rso_ray.training.launch import run
+    from rso_ray.cluster.driver import run
 
     cfg = _config(tmp_path)
     first = run(cfg)

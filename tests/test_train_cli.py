@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rso_ray.training.launch import main
+from rso_ray.cluster.driver import main
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

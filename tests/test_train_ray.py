@@ -57,7 +57,7 @@ def _weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
 
 
 def _train(cfg: TrainConfig) -> dict:
-    from rso_ray.training.launch import run
+    from rso_ray.cluster.driver import run
 
     return run(cfg)
 
@@ -216,7 +216,7 @@ def test_local_c4_shards_with_a_corrupt_line(ray_local, tmp_path: Path) -> None:
 
 def test_a_bad_line_under_on_bad_line_error_stops_at_once(ray_local, tmp_path: Path) -> None:
     """A deterministic data error: no restart (--max-failures 3), the file and line in the error."""
-    from rso_ray.training.launch import TrainingDataFailed
+    from rso_ray.cluster.driver import TrainingDataFailed
 
     lines = _good_lines(0, 200)
     lines.insert(5, '{"text": "cut off in the mid')
@@ -229,7 +229,7 @@ def test_a_bad_line_under_on_bad_line_error_stops_at_once(ray_local, tmp_path: P
 
 
 def test_unreadable_training_files_stop_at_once(ray_local, tmp_path: Path) -> None:
-    from rso_ray.training.launch import TrainingDataFailed
+    from rso_ray.cluster.driver import TrainingDataFailed
 
     data = _c4_folder(tmp_path, [("c4-train.00000-of-00001.json.gz", ["garbage"] * 50)])
     cfg = _config(tmp_path, data=str(data), workers="1", steps=6, max_failures=3)
@@ -239,7 +239,7 @@ def test_unreadable_training_files_stop_at_once(ray_local, tmp_path: Path) -> No
 
 
 def test_repeated_nonfinite_losses_stop_the_run(ray_local, tmp_path: Path) -> None:
-    from rso_ray.training.launch import TrainingDiverged
+    from rso_ray.cluster.driver import TrainingDiverged
 
     # fp32 on a CPU does not blow up on its own (an overflowing RMSNorm gives zeros, not NaN), so the
     # losses are poisoned from step 6 on: the real non-finite path (skip, drop subspace, count, stop).

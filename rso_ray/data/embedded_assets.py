@@ -1,6 +1,6 @@
 """Paths of the offline corpus and tokenizer shipped inside the package.
 
-They are built by :mod:`rso_ray.data.real_corpus`; ``embedded/SOURCE.md`` names the sources and licences.
+They are built by :mod:`tools.build_corpus`; ``embedded/SOURCE.md`` names the sources and licences.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ time when backpressure holds the tokenizer just ahead of training -- and on a la
 away from training (measured here: steps 4x slower on 2 cores). With a task running, the loop blocks in
 ray.wait for up to 100 ms anyway, so a 10 ms pause per step costs nothing there.
 
-Registered for every process of a job through RAY_DATA_EXECUTION_CALLBACKS (rso_ray.training.launch) and
+Registered for every process of a job through RAY_DATA_EXECUTION_CALLBACKS (rso_ray.cluster.driver) and
 on the dataset's DataContext (rso_ray.data.pipeline).
 """
 

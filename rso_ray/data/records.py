@@ -14,7 +14,9 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
+
+from .files import open_binary
 
 OnBadLine = Literal["skip", "error"]
 
@@ -59,12 +61,6 @@ def parse_record(line: str | bytes, *, path: str, lineno: int) -> dict[str, Any]
     return obj
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    from .sources import open_binary
-
-    return open_binary(path)
-
-
 def iter_records(
     paths: Iterable[str | os.PathLike[str]],
     *,
@@ -77,7 +73,7 @@ def iter_records(
     for p in paths:
         path = os.fspath(p)
         try:
-            fh = _open_binary(path)
+            fh = open_binary(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"data file {path} does not exist") from None
         with fh:

@@ -7,12 +7,10 @@ built in) and huggingface_hub's HfFileSystem for hf:// paths.
 
 from __future__ import annotations
 
-import gzip
-import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
+from .files import filesystem_for
 from .records import list_data_files
 
 C4_HUB = "hf://datasets/allenai/c4/en"
@@ -81,46 +79,3 @@ def resolve_source(data: str) -> DataSource:
         if Path(f).stat().st_size == 0:
             raise FileNotFoundError(f"data file {f} is empty")
     return DataSource(str(root.resolve()), tuple(train), tuple(val))
-
-
-def filesystem_for(uri: str):  # type: ignore[no-untyped-def]
-    """(file system, path inside it) for an hf://, s3:// or gs:// URI."""
-    scheme, rest = uri.split("://", 1)
-    if scheme == "hf":
-        from huggingface_hub import HfFileSystem
-
-        return HfFileSystem(), rest
-    from pyarrow import fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri)
-    return fs, path
-
-
-class _OwningGzip(gzip.GzipFile):
-    """GzipFile that also closes the stream it reads (gzip leaves a passed-in fileobj open)."""
-
-    def __init__(self, raw: IO[bytes]):
-        super().__init__(fileobj=raw, mode="rb")
-        self._raw = raw
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._raw.close()
-
-
-def open_binary(path: str) -> IO[bytes]:
-    """A binary stream of a local path or URI, gzip-decompressed when the name ends in .gz."""
-    if "://" in path:
-        fs, inner = filesystem_for(path)
-        raw = fs.open(inner, "rb") if path.startswith("hf://") else fs.open_input_stream(inner)  # type: ignore[attr-defined]
-    else:
-        raw = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
-    if path.endswith(".gz"):
-        return _OwningGzip(raw)
-    return raw  # type: ignore[no-any-return]
-
-
-def open_text(path: str) -> io.TextIOWrapper:
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8")

@@ -43,13 +43,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..core.layer import sharded_rows
 from ..core.methods import TrainingMethod
 from . import storage
+from .distributed import all_gather_object, barrier, broadcast_object, local_tensor, unwrap
+from .distributed import rank as this_rank
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
@@ -61,11 +62,6 @@ _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel (or the model itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 def _model_state(model: nn.Module, method: TrainingMethod) -> dict[str, torch.Tensor]:
@@ -120,19 +116,6 @@ def _dcp_state(model: nn.Module, method: TrainingMethod) -> dict[str, Any]:
     return {"model": unwrap(model).state_dict(), "optim": _optimizer_tensors(method, _param_names(model))}
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast(obj: Any) -> Any:
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def write_sharded_checkpoint(
     directory: str | os.PathLike[str],
     *,
@@ -146,7 +129,7 @@ def write_sharded_checkpoint(
     :func:`write_checkpoint`; on an object store each rank uploads its files and the marker goes last."""
     import torch.distributed.checkpoint as dcp
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = this_rank()
     final = os.fspath(directory)
     sd = _dcp_state(model, method)
     if not storage.is_remote(final):
@@ -155,13 +138,13 @@ def write_sharded_checkpoint(
         if rank == 0:
             parent.mkdir(parents=True, exist_ok=True)
             tmp_name = tempfile.mkdtemp(prefix=f".{Path(final).name}.tmp-", dir=parent)
-        tmp = Path(_broadcast(tmp_name))
+        tmp = Path(broadcast_object(tmp_name))
         try:
             dcp.save(sd, checkpoint_id=tmp)
             if rank == 0:
                 torch.save(_scalars(method) | {"rng": _rng_state()}, tmp / TRAIN_STATE_FILE)
                 _write_state_json(tmp, method, state, "dcp")
-            _barrier()  # every rank's shards are on disk
+            barrier()  # every rank's shards are on disk
             if rank == 0:
                 if before_finish is not None:
                     before_finish(tmp)
@@ -170,11 +153,11 @@ def write_sharded_checkpoint(
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _barrier()
+        barrier()
         return final
     if rank == 0:
         storage.remove_tree(final)
-    _barrier()
+    barrier()
     with tempfile.TemporaryDirectory(prefix="rso-ckpt-") as local:
         folder = Path(local)
         dcp.save(sd, checkpoint_id=folder)  # this rank's shards (and, on rank 0, .metadata)
@@ -189,7 +172,7 @@ def write_sharded_checkpoint(
             except OSError as err:  # told to every rank below: nobody waits for a marker that never comes
                 error = f"rank {rank} uploading {p.name}: {type(err).__name__}: {err}"
                 break
-        gathered = _all_gather((mine, error))
+        gathered = all_gather_object((mine, error))
         errors = [e for _, e in gathered if e]
         if rank == 0 and not errors:
             if before_finish is not None:
@@ -199,7 +182,7 @@ def write_sharded_checkpoint(
             if not errors:
                 marker = json.dumps({"files": expected, "step": state.get("step")}, indent=1).encode()
                 storage.write_bytes(storage.join(final, COMPLETE_FILE), marker)
-        errors = _broadcast(errors)
+        errors = broadcast_object(errors)
     if errors:
         raise OSError(f"checkpoint upload to {final} is incomplete: {'; '.join(errors)}")
     return final
@@ -209,14 +192,6 @@ def _size_mismatch(found: dict[str, int], expected: dict[str, int]) -> list[str]
     """What differs between the files in storage and those the writers staged."""
     return [f"{name} has {found.get(name, 0)} of {size} bytes" for name, size in sorted(expected.items())
             if found.get(name) != size]
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _load_dcp(d: Path, model: nn.Module, method: TrainingMethod) -> dict[str, Any]:
@@ -251,7 +226,7 @@ def _load_dcp(d: Path, model: nn.Module, method: TrainingMethod) -> dict[str, An
                         t = torch.zeros_like(p, dtype=meta.properties.dtype)
                     else:
                         # Adam's step counts live on the CPU (unless capturable/fused); other states with p.
-                        where = torch.device("cpu") if len(meta.size) == 0 else _local(p).device
+                        where = torch.device("cpu") if len(meta.size) == 0 else local_tensor(p).device
                         t = torch.zeros(tuple(meta.size), dtype=meta.properties.dtype, device=where)
                     slots.setdefault(names[id(p)], {})[key[len(prefix):]] = t
         optim[str(i)] = slots
@@ -283,10 +258,6 @@ def read_model_weights(directory: str | os.PathLike[str], state: dict[str, Any])
              for key, m in meta.items() if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
     dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """One optimizer step over micro-batches, and evaluation: the torch-only heart of every training loop
-(the Ray Train worker in rso_ray.training.worker, the benchmarks and the tests all call these).
+(the Ray Train worker in rso_ray.cluster.worker, the benchmarks and the tests all call these).
 
 A step accumulates gradients over micro-batches (DDP's ``no_sync``, or FSDP2's
 ``set_requires_gradient_sync(False)``, on all but the last), checks that the
@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -158,3 +159,17 @@ def evaluate(
     finally:
         model.train(was_training)
     return EvalResult(loss=total / max(count, 1), tokens=count)
+
+
+def unigram_entropy_nats(token_ids: Sequence[int] | np.ndarray) -> float:
+    """Entropy (nats) of the empirical unigram distribution of ``token_ids``.
+
+    It is the cross-entropy per token of the best context-free model fitted to the same tokens, so a language
+    model whose validation loss is below it has learned something from context.
+    """
+    arr = np.asarray(token_ids)
+    if arr.size == 0:
+        raise ValueError("unigram_entropy_nats needs at least one token")
+    _, counts = np.unique(arr.ravel(), return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -71,7 +71,8 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     decoder_blocks(model)  # the same check and error as for FSDP
-    layers = model.model.layers
+    layers = model.get_submodule("model.layers")
+    assert isinstance(layers, nn.ModuleList)  # decoder_blocks checked it
     for i, block in enumerate(list(layers)):
         layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)  # no dropout: nothing random to replay
     return model

@@ -38,7 +38,7 @@ def _trial(config: dict[str, Any], *, spec: SweepSpec, parent_run_id: str, track
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ..training.launch import run
+    from ..cluster.driver import run
 
     trial_id = tune.get_context().get_trial_id()
     values = spec.trial_values(config) | {
@@ -71,15 +71,15 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from ..training import tracking
-    from ..training.launch import QUIET_ENV
+    from ..cluster import tracking
+    from ..cluster.driver import QUIET_ENV
 
     base = spec.base_config()
     tracking_uri = spec.mlflow.get("tracking_uri") or base.mlflow_tracking_uri
     experiment = spec.mlflow.get("experiment") or "rso_ray_sweeps"
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", runtime_env={"env_vars": QUIET_ENV})
-    from ..training.ray_console import install_log_filter
+    from ..cluster.ray_console import install_log_filter
 
     install_log_filter(lambda text: print(f"[rso_ray.tune] {text}", flush=True))
     check_cluster_fits(spec, base, ray.cluster_resources())

@@ -7,7 +7,7 @@ Train and Ray Data trigger themselves) is dropped, and the Train controller's ~3
 dead worker becomes one rso_ray line saying what happens next. Everything still goes to Ray's log files
 (/tmp/ray/session_latest/logs).
 
-    python -c "from rso_ray.training.ray_console import is_noise; print(is_noise('Progress bars disabled. To enable, ...'))"
+    python -c "from rso_ray.cluster.ray_console import is_noise; print(is_noise('Progress bars disabled. To enable, ...'))"
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..config import TEST_OPTIONS, TrainConfig, parse_fault_plan
 from ..console import human_bytes, human_duration
@@ -42,20 +41,29 @@ from ..core.methods import TrainingMethod, build_method
 from ..data.pipeline import ConsumedBlocks, TrainingDataError, build_train_dataset, find_corrupt_record
 from ..models import build_model
 from ..models.hf_io import load_pretrained
-from . import storage
-from .checkpoint import (
+from ..training import storage
+from ..training.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     prune,
-    unwrap,
     write_checkpoint,
     write_sharded_checkpoint,
 )
-from .comm import CommCounter, counting_allreduce_hook, trainable_bytes
-from .engine import EvalResult, StepResult, autocast_dtype_for, evaluate, perplexity, train_step
-from .sharding import CommCounter as ShardedCommCounter
-from .sharding import apply_activation_checkpointing, build_sharded_method
+from ..training.comm import CommCounter, counting_allreduce_hook, trainable_bytes
+from ..training.distributed import (
+    all_gather_object,
+    all_reduce_sum,
+    broadcast_object,
+    is_distributed,
+    local_tensor,
+    share_offset,
+    split_share,
+    weights_checksum,
+)
+from ..training.engine import EvalResult, StepResult, autocast_dtype_for, evaluate, perplexity, train_step
+from ..training.sharding import CommCounter as ShardedCommCounter
+from ..training.sharding import apply_activation_checkpointing, build_sharded_method
 from .tracking import MlflowTracker, NullTracker, Tracker, flatten_params
 
 NOTES_SHOWN = 10  # bad-line examples printed per attempt; the count goes on in the metrics
@@ -142,20 +150,6 @@ class DataFeed:
             self.consumed.add(unit, block, last)
 
 
-def split_share(global_batch: int, world: int, rank: int, micro: int) -> list[int]:
-    """Micro-batch sizes of worker ``rank``: its share of the global batch cut into pieces <= micro."""
-    share = global_batch // world + (1 if rank < global_batch % world else 0)
-    sizes = [micro] * (share // micro)
-    if share % micro:
-        sizes.append(share % micro)
-    return sizes
-
-
-def share_offset(global_batch: int, world: int, rank: int) -> int:
-    """Index of worker ``rank``'s first row in the global batch (workers take consecutive slices)."""
-    return sum(global_batch // world + (1 if r < global_batch % world else 0) for r in range(rank))
-
-
 @dataclass
 class LoopState:
     """What a checkpoint restores besides the weights and the optimizer (the data position is the
@@ -168,43 +162,6 @@ class LoopState:
     nonfinite_total: int = 0
     last_eval: float | None = None
     consumed: ConsumedBlocks = field(default_factory=ConsumedBlocks)
-
-
-def _single_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if _single_process():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if _single_process():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast_object(obj: Any) -> Any:
-    if _single_process():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def weights_checksum(model: nn.Module, device: torch.device) -> torch.Tensor:
-    """Per-parameter float64 sums: equal on every worker iff their weights agree (up to a collision)."""
-    return torch.stack([p.detach().double().sum() for p in unwrap(model).parameters()]).to(device)
 
 
 class StopRun(Exception):
@@ -246,7 +203,7 @@ class WorkerLoop:
         self.attempt = self._count_attempt()
         self.model = build_model(cfg.model, vocab_size=self.rt["vocab_size"], seed=cfg.seed, device=self.device)
         # Rank 0 picks the checkpoint, so that every rank loads the same one.
-        path = _broadcast_object(latest_checkpoint(self.rt["run_dir"]) if self.rank == 0 else None)
+        path = broadcast_object(latest_checkpoint(self.rt["run_dir"]) if self.rank == 0 else None)
         if path is None and cfg.init_from:
             # Into the plain model, before the method wraps its target layers (names as in transformers).
             load_pretrained(self.model, cfg.init_from)
@@ -305,11 +262,11 @@ class WorkerLoop:
     def _count_attempt(self) -> int:
         """Worker-group starts of this launch (1 = the first): read and bumped by rank 0, told to all."""
         if self.rank != 0:
-            return int(_broadcast_object(0))
+            return int(broadcast_object(0))
         uri = storage.join(self.rt["run_dir"], f".rso_attempts_{self.rt['launch_id']}.json")
         n = int((storage.read_json(uri) or {}).get("attempts", 0)) + 1
         storage.write_json(uri, {"attempts": n})
-        return int(_broadcast_object(n))
+        return int(broadcast_object(n))
 
     def open_feed(self) -> DataFeed:
         cfg = self.cfg
@@ -345,7 +302,7 @@ class WorkerLoop:
                 self.notes_shown += new
                 self.tracker.set_tags({"rso_ray.data_notes": "\n".join(self.notes_shown)})  # seen in the MLflow UI
             self.feed.notes = []
-        if not _single_process():
+        if is_distributed():
             flag = torch.tensor([1 if message else 0], device=self.device)
             dist.broadcast(flag, src=0)
             stop = bool(flag.item())
@@ -361,7 +318,7 @@ class WorkerLoop:
             ids = torch.from_numpy(rows.ids).to(self.device, dtype=torch.int32)
         else:
             ids = torch.empty((g, seq), dtype=torch.int32, device=self.device)  # type: ignore[arg-type]
-        if not _single_process():
+        if is_distributed():
             dist.broadcast(ids, src=0)
         return ids[self.offset : self.offset + sum(self.micro)].long(), rows
 
@@ -377,7 +334,7 @@ class WorkerLoop:
             most = math.ceil(math.ceil(len(val) / self.world) / batch)
             for _ in range(most - math.ceil(len(mine) / batch)):
                 evaluate(self.model, val[:1], batch_size=1, device=self.device, autocast_dtype=self.autocast)
-        total, count = _all_reduce_sum([local.loss * local.tokens, float(local.tokens)], self.device)
+        total, count = all_reduce_sum([local.loss * local.tokens, float(local.tokens)], self.device)
         return EvalResult(loss=total / max(count, 1.0), tokens=int(count))
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
@@ -388,7 +345,7 @@ class WorkerLoop:
         cfg, st = self.cfg, self.state
         extra: dict[str, float] = {}
         if not self.sharded:  # FSDP ranks hold different shards by design: nothing to compare
-            sums = _all_gather(weights_checksum(self.model, self.device).cpu())
+            sums = all_gather_object(weights_checksum(self.model, self.device).cpu())
             extra["weights_in_sync"] = float(all(torch.equal(sums[0], s) for s in sums))
         state: dict[str, Any] = {}
         crash = None
@@ -515,7 +472,7 @@ class WorkerLoop:
     def log_progress(self) -> None:
         cfg, st = self.cfg, self.state
         share = sum(self.micro)
-        loss_sum, n = _all_reduce_sum([sum(r.loss * share for r in self.window), float(len(self.window) * share)], self.device)
+        loss_sum, n = all_reduce_sum([sum(r.loss * share for r in self.window), float(len(self.window) * share)], self.device)
         step_time = sum(r.seconds for r in self.window) / len(self.window)
         rate = cfg.global_batch_size * cfg.seq_len / step_time  # type: ignore[operator]
         metrics = {
@@ -590,9 +547,9 @@ class WorkerLoop:
         })
 
     def measure_memory(self, result_counter: SavedTensorCounter) -> dict[str, float]:
-        params = unique_bytes(_local(p) for p in self.model.parameters())  # this worker's shards under FSDP
-        grads = unique_bytes(_local(p.grad) for p in self.model.parameters() if p.grad is not None)
-        states = unique_bytes(_local(t) for t in self.method.optimizer_state_tensors())
+        params = unique_bytes(local_tensor(p) for p in self.model.parameters())  # this worker's shards under FSDP
+        grads = unique_bytes(local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None)
+        states = unique_bytes(local_tensor(t) for t in self.method.optimizer_state_tensors())
         out = {
             "memory/parameters": float(params),
             "memory/gradients": float(grads),

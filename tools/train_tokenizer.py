@@ -1,8 +1,8 @@
 """Train the byte-level BPE tokenizer shipped with the embedded corpus.
 
-Run through the corpus build (``python -m rso_ray.data.real_corpus ... --train-tokenizer``) or directly::
+Run through the corpus build (``python -m tools.build_corpus ... --train-tokenizer``) or directly::
 
-    python -m rso_ray.data.tokenizer_training --out /tmp/tokenizer /tmp/corpus/c4-train.*.json.gz
+    python -m tools.train_tokenizer --out /tmp/tokenizer /tmp/corpus/c4-train.*.json.gz
 
 Special tokens mirror T5's ids (``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2) and, as T5's tokenizer does,
 every encoded text gets ``</s>`` appended, so data pipelines written for ``t5-base`` work unchanged.

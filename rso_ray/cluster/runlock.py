@@ -7,7 +7,7 @@ host, or a frozen one). On a local or NFS folder the lease is created with O_EXC
 stores (s3://, gs://) it is written, then read back after a pause to see who won: good enough between
 humans relaunching jobs, not a consensus protocol.
 
-    python -c "from rso_ray.training.runlock import RunLock; print(RunLock('rso_runs/demo').describe())"
+    python -c "from rso_ray.cluster.runlock import RunLock; print(RunLock('rso_runs/demo').describe())"
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import storage
+from ..training import storage
 
 LOCK_FILE = "rso_run.lock"
 HEARTBEAT_S = 15.0

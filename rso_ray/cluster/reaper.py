@@ -6,7 +6,7 @@ when the driver is gone, it gives Ray's own shutdown a moment, then terminates (
 every noted process still alive. A process is matched by pid and start time, so a reused pid is never
 touched. A driver that exits normally shuts Ray down itself; the watcher then finds little or nothing.
 
-    python -m rso_ray.training.reaper <driver pid>
+    python -m rso_ray.cluster.reaper <driver pid>
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def watch(driver_pid: int) -> int:
 def start_watcher() -> None:
     """Watch this process (the driver that just started a local Ray instance)."""
     subprocess.Popen(
-        [sys.executable, "-m", "rso_ray.training.reaper", str(os.getpid())],
+        [sys.executable, "-m", "rso_ray.cluster.reaper", str(os.getpid())],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
 

@@ -16,7 +16,7 @@ has left the mirror is on Debian's snapshot archive)::
 
 and the files shipped in ``rso_ray/data/embedded`` are exactly what the default arguments then produce::
 
-    python -m rso_ray.data.real_corpus --source-root /tmp/rso-src/root --out rso_ray/data/embedded --train-tokenizer
+    python -m tools.build_corpus --source-root /tmp/rso-src/root --out rso_ray/data/embedded --train-tokenizer
 
 Steps: each source is read into *groups* (a chapter of a novel, a chapter of the Bible, a page of the Python
 documentation) of cleaned paragraphs: markup, footnotes, headings, italics underscores and code blocks
@@ -32,7 +32,7 @@ with ``mtime=0`` and no file name, so the output is byte-identical on every mach
 source and the group (e.g. ``https://docs.python.org/3.11/library/functions.html#part-2``); ``timestamp`` is
 a fixed function of the url inside the April 2019 crawl that C4 comes from.
 
-``--train-tokenizer`` then trains the byte-level BPE tokenizer (:mod:`rso_ray.data.tokenizer_training`) on
+``--train-tokenizer`` then trains the byte-level BPE tokenizer (:mod:`tools.train_tokenizer`) on
 the train shards and saves it to ``OUT/tokenizer``.
 """
 
@@ -54,8 +54,6 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 DEFAULT_SEED = 20190425
 DEFAULT_TRAIN_SHARDS = 8
@@ -511,22 +509,8 @@ def write_shards(records: dict[str, list[dict[str, str]]], out: Path, train_shar
     return paths
 
 
-def unigram_entropy_nats(token_ids: Sequence[int] | np.ndarray) -> float:
-    """Entropy (nats) of the empirical unigram distribution of ``token_ids``.
-
-    It is the cross-entropy per token of the best context-free model fitted to the same tokens, so a language
-    model whose validation loss is below it has learned something from context.
-    """
-    arr = np.asarray(token_ids)
-    if arr.size == 0:
-        raise ValueError("unigram_entropy_nats needs at least one token")
-    _, counts = np.unique(arr.ravel(), return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rso_ray.data.real_corpus", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.build_corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source-root", type=Path, required=True,
                         help="folder into which the three .deb packages were extracted with dpkg -x")
@@ -551,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{split}: {len(records[split])} documents ({summary})")
     paths = write_shards(records, args.out, args.train_shards)
     if args.train_tokenizer:
-        from rso_ray.data.tokenizer_training import train_tokenizer  # lazy: pulls in tokenizers/transformers
+        from tools.train_tokenizer import train_tokenizer  # lazy: pulls in tokenizers/transformers
 
         print(f"tokenizer saved to {train_tokenizer(paths['train'], args.out / 'tokenizer')}")
     return 0

@@ -18,8 +18,8 @@ from ..console import format_table, human_duration
 from ..data.pipeline import validation_blocks
 from ..data.sources import DataSource, resolve_source
 from ..models import DEMO_MODELS
-from .engine import perplexity
-from .storage import OUTCOME, RUN_INFO, check_writable, read_json, run_dir, write_json
+from ..training.engine import perplexity
+from ..training.storage import OUTCOME, RUN_INFO, check_writable, read_json, run_dir, write_json
 
 # Ray Data's progress bars and Ray Train's print patch (which logs every print a second time) would drown
 # the progress lines of rank 0.
@@ -121,7 +121,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     from ..core.methods import build_method
     from ..data.tokenizer import load_tokenizer
     from ..models import build_model
-    from .comm import gradient_bytes_ratio
+    from ..training.comm import gradient_bytes_ratio
 
     check_writable(cfg.storage_path)
     if cfg.init_from:
@@ -268,7 +268,7 @@ def place_workers(cfg: TrainConfig, resources: dict[str, float]) -> Placement:
 
 def build_trainer(cfg: TrainConfig, place: Placement, runtime: dict[str, Any], callbacks: list[Any] | None) -> Any:
     """The TorchTrainer of a run: scaling (fixed or elastic) and failures. Checkpoints and data are not
-    Ray Train's: rank 0 reads the stream and writes checkpoints (rso_ray.training.worker)."""
+    Ray Train's: rank 0 reads the stream and writes checkpoints (rso_ray.cluster.worker)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -370,7 +370,7 @@ def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, A
             raise RuntimeError(f"the workers ended without a result (see {folder}/{OUTCOME} and the Ray logs)")
         status = "FINISHED" if outcome.get("status") == "finished" else "FAILED"
     except KeyboardInterrupt as err:
-        from .checkpoint import latest_checkpoint
+        from ..training.checkpoint import latest_checkpoint
 
         status = "KILLED"
         last = latest_checkpoint(folder)
