@@ -18,81 +18,86 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import fields
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import RunConfig
 from .models.hf_io import DEFAULT_MAX_SHARD, parse_size, save_hf_folder
 from .training.checkpoint import (
+    CHECKPOINT_NAME,
     COMPLETE_FILE,
     STATE_FILE,
     TRAIN_STATE_FILE,
+    checkpoints,
     is_complete,
-    latest_checkpoint,
     read_model_weights,
     read_state,
+    verify,
 )
+from .training.sharded_state import load_whole_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVENANCE = "rso_ray_export.json"  # which checkpoint the folder came from; transformers ignores it
 
 
-def find_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """``path`` itself when it is a checkpoint, else the newest complete checkpoint of the run folder."""
+def find_checkpoint(path: str | os.PathLike[str], say: Callable[[str], None] = print) -> Path:
+    """``path`` itself when it is a checkpoint folder (complete and intact, else an error), or the newest
+    intact checkpoint of a run folder: damaged ones (bytes unlike their checksums) are reported and skipped."""
     p = Path(path)
-    if (p / STATE_FILE).is_file():
+    if (p / COMPLETE_FILE).is_file() or (p / STATE_FILE).is_file() or CHECKPOINT_NAME.match(p.name):
         if not is_complete(p):
             raise FileNotFoundError(f"{p} is not a complete checkpoint: {COMPLETE_FILE} is missing or does not match its files")
+        damaged = verify(p)
+        if damaged:
+            raise ValueError(f"checkpoint {p} is damaged: {', '.join(damaged)} differ(s) from the checksums in its "
+                             f"{COMPLETE_FILE}; export the run folder {p.parent} to use its newest intact checkpoint")
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"{p} is neither a run folder nor a checkpoint folder: it does not exist")
-    found = latest_checkpoint(p)
-    if found is None:
-        raise FileNotFoundError(f"{p} holds no complete checkpoint (no checkpoint_*/{COMPLETE_FILE})")
-    return Path(found)
+    complete = [Path(c) for _, c in reversed(checkpoints(p)) if is_complete(c)]
+    if not complete:
+        raise FileNotFoundError(f"{p} holds no complete checkpoint (no checkpoint_*/{COMPLETE_FILE} matching its files)")
+    for candidate in complete:
+        damaged = verify(candidate)
+        if not damaged:
+            return candidate
+        say(f"checkpoint {candidate.name} is damaged ({', '.join(damaged)} differ(s) from its checksums): skipped")
+    raise ValueError(f"every complete checkpoint of {p} is damaged: nothing to export")
 
 
-def run_config(state: dict[str, Any]) -> TrainConfig:
-    """The training config stored in a checkpoint's state.json (keys this version does not know skipped)."""
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+def run_config(state: dict[str, Any]) -> RunConfig:
+    """The training config stored in a checkpoint's state.json."""
+    return RunConfig.from_dict(state["config"])
 
 
-def load_merged_model(checkpoint: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
-    """The model of a checkpoint as a plain model: weights loaded, RSO's B (if any) merged, RSO layers
-    unloaded. Returns it with the run's config and the checkpoint's state.json."""
-    from .core.rso import apply_rso, merge_and_unload
+def load_merged_model(checkpoint: str | os.PathLike[str], *, check: bool = True) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    """The model of a checkpoint as a plain model: weights loaded into the run's model and method, then the
+    method's export (RSO merges its current subspace, W + P B, and unloads its layers). Returns it with the
+    run's config and the checkpoint's state.json. ``check``: verify the checksums first (skipped when the
+    caller just did)."""
+    from .core.methods import build_method
     from .models import build_model
 
     d = Path(checkpoint)
     state = read_state(d)
+    damaged = verify(d) if check else []
+    if damaged:
+        raise ValueError(f"checkpoint {d} is damaged: {', '.join(damaged)} differ(s) from the checksums in its {COMPLETE_FILE}")
     cfg = run_config(state)
     weights = read_model_weights(d, state)  # model.pt, or the shards of an FSDP run
     vocab = next((v.shape[0] for k, v in weights.items() if k.endswith("embed_tokens.weight")), None)
     model = build_model(cfg.model, vocab_size=vocab, seed=cfg.seed)
-    b_weights = {k: v for k, v in weights.items() if k.endswith(".rso_B")}
-    plain = {k.replace(".base_layer.", "."): v for k, v in weights.items() if k not in b_weights}
-    missing, unexpected = model.load_state_dict(plain, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {d} does not fit model {cfg.model}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if state.get("method") == "rso":
-        train_state = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-        # P is a function of (seed, outer step, group): the subspace B lives in is drawn again here.
-        handle = apply_rso(model, cfg.method_config().rso_config(), outer_step=int(train_state["method"]["outer_step"]))
-        names = {f"{name}.rso_B": layer for name, layer in handle.layers.items()}
-        if set(b_weights) - set(names) or (not state.get("at_boundary") and set(names) - set(b_weights)):
-            raise ValueError(f"checkpoint {d}: its B matrices do not match the RSO layers of {cfg.model}")
-        with torch.no_grad():
-            for key, b in b_weights.items():
-                names[key].rso_B.copy_(b)  # absent at a boundary: B stays 0
-        merge_and_unload(model)
-    elif b_weights:
-        raise ValueError(f"checkpoint {d} holds RSO B matrices but was written by {state.get('method')!r}")
-    return model.eval(), cfg, state
+    method = build_method(model, cfg.method)  # the layers the weights were saved from (RSO's B and base_layer)
+    misfit = load_whole_weights(model, method, weights, at_boundary=bool(state.get("at_boundary")))
+    if misfit:
+        raise ValueError(f"checkpoint {d} does not fit model {cfg.model}: {', '.join(misfit[:5])}")
+    train_state = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    method.load_counters(train_state["method"])  # RSO: the subspace (P) its B lives in is drawn again
+    return method.export_model().eval(), cfg, state
 
 
 def _check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
@@ -122,7 +127,7 @@ def export_checkpoint(
     ckpt = find_checkpoint(source)
     target = Path(out)
     _check_out(target, ckpt, overwrite)
-    model, cfg, state = load_merged_model(ckpt)
+    model, cfg, state = load_merged_model(ckpt, check=False)  # find_checkpoint verified it
     tokenizer = load_tokenizer(cfg.tokenizer)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -164,13 +169,13 @@ def log_to_mlflow(folder: str | os.PathLike[str], tracking_uri: str, run_id: str
     return str(info.model_uri)
 
 
-def export_run(cfg: TrainConfig, checkpoint: Any, run_id: str) -> str:
+def export_run(cfg: RunConfig, checkpoint: Any, run_id: str) -> str:
     """--export-hf: the final checkpoint (its folder, local or on storage) to <storage path>/<run name>/hf,
     replacing an earlier export of the same run; 'mlflow' also logs it to the run. Returns where it went."""
     from .training.checkpoint import local_copy
     from .training.storage import run_dir
 
-    dest = f"{run_dir(cfg.storage_path, cfg.run_name)}/hf"  # type: ignore[arg-type]
+    dest = f"{run_dir(cfg.storage_path, cfg.run_name)}/hf"
     with local_copy(checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rso-export-") as tmp:
         local = Path(tmp) / "hf" if "://" in dest else Path(dest)
         export_checkpoint(ckpt, local, overwrite=True)
@@ -179,7 +184,7 @@ def export_run(cfg: TrainConfig, checkpoint: Any, run_id: str) -> str:
 
             pafs.copy_files(str(local), dest)
         if cfg.export_hf == "mlflow":
-            uri = log_to_mlflow(local, cfg.mlflow_tracking_uri, run_id)  # type: ignore[arg-type]
+            uri = log_to_mlflow(local, cfg.mlflow_tracking_uri, run_id)
             print(f"[rso_ray] logged the model to MLflow run {run_id} as {uri}", flush=True)
     print(f"[rso_ray] exported the final model as a transformers folder: {dest}", flush=True)
     return dest
@@ -211,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"exported {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    made = json.loads((out / PROVENANCE).read_text())
+    print(f"exported {out} from {made['checkpoint']} (step {made['step']}): "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
     if args.mlflow:
         state = read_state(find_checkpoint(args.source))
-        uri = log_to_mlflow(out, run_config(state).mlflow_tracking_uri, state["mlflow_run_id"])  # type: ignore[arg-type]
+        uri = log_to_mlflow(out, run_config(state).mlflow_tracking_uri, state["mlflow_run_id"])
         print(f"logged to MLflow run {state['mlflow_run_id']} as {uri}")
     return 0
 

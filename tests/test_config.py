@@ -1,46 +1,56 @@
-"""TrainConfig: precedence (command line over file over defaults), recipes, and errors naming the option."""
+"""Options and the resolved RunConfig: precedence (command line over file over defaults), recipes, errors
+naming the option, and the round trips through a dict and back to options."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
 
 import pytest
 
-from rso_ray.config import RECIPES, TrainConfig, build_parser, load_config_file, parse_config
+from rso_ray.config import (
+    RECIPES,
+    RunConfig,
+    TrainOptions,
+    build_parser,
+    load_config_file,
+    parse_config,
+    resolve,
+)
 from rso_ray.training.distributed import split_share
 
 
 def test_defaults_are_the_offline_demo() -> None:
     cfg, _ = parse_config([])
     assert (cfg.model, cfg.optimizer, cfg.data, cfg.tokenizer) == ("llama-tiny", "rso", "embedded", "embedded")
-    assert cfg.steps == RECIPES["llama-tiny"]["steps"] and cfg.rank == 64 and cfg.seq_len == 256
-    assert cfg.eta == math.inf and cfg.projection == "coordinate"  # the small models' recipe
+    assert cfg.steps == RECIPES["llama-tiny"]["steps"] and cfg.method.rank == 64 and cfg.seq_len == 256
+    assert cfg.method.eta == math.inf and cfg.method.projection == "coordinate"  # the small models' recipe
     assert cfg.mlflow_tracking_uri.startswith("sqlite:///") and cfg.mlflow_tracking_uri.endswith("mlflow.db")
     assert Path(cfg.storage_path).is_absolute()
 
 
 def test_paper_recipe_for_llama_1b() -> None:
     cfg, _ = parse_config(["--model", "llama-1b", "--optimizer", "galore"])
-    assert (cfg.steps, cfg.rank, cfg.global_batch_size, cfg.resample_every) == (100_000, 512, 512, 200)
-    assert cfg.lr == 1e-2 and cfg.eval_tokens == 10_000_000
-    m = cfg.method_config()
+    assert (cfg.steps, cfg.method.rank, cfg.global_batch_size, cfg.method.resample_every) == (100_000, 512, 512, 200)
+    assert cfg.method.lr == 1e-2 and cfg.eval_tokens == 10_000_000
+    m = cfg.method
     assert m.warmup_steps == 10_000 and m.min_lr_ratio == 0.1 and m.galore_update_proj_gap == 200
 
 
 def test_tokens_budget_sets_steps() -> None:
     cfg, _ = parse_config(["--model", "llama-60m", "--tokens", "1.3e9"])
-    assert cfg.steps == math.ceil(1.3e9 / (512 * 256)) and cfg.tokens is None
+    assert cfg.steps == math.ceil(1.3e9 / (512 * 256)) and cfg.as_options()["tokens"] is None
 
 
 def test_command_line_over_file_over_defaults(tmp_path: Path) -> None:
     f = tmp_path / "run.yaml"
     f.write_text("rank: 32\nlr: 0.002\nresample-every: 40\nworkers: 2\n")
     cfg, _ = parse_config(["--config", str(f), "--lr", "0.005"])
-    assert cfg.rank == 32  # file over defaults
-    assert cfg.lr == 0.005  # command line over file
-    assert cfg.resample_every == 40 and cfg.workers == "2"
+    assert cfg.method.rank == 32  # file over defaults
+    assert cfg.method.lr == 0.005  # command line over file
+    assert cfg.method.resample_every == 40 and cfg.workers == (2, 2)
     assert cfg.global_batch_size == RECIPES["llama-tiny"]["global_batch_size"]  # defaults where neither says
 
 
@@ -62,7 +72,11 @@ def test_unknown_key_in_file_names_key_and_line(tmp_path: Path) -> None:
         (["--optimizer", "lion"], "--optimizer must be one of rso, adamw, galore; got 'lion'"),
         (["--rank", "0"], "--rank must be a positive integer, got 0"),
         (["--rank", "-4"], "--rank must be a positive integer, got -4"),
-        (["--eta", "0"], r"--eta must be > 0 \(inf disables the proximal term\), got 0.0"),
+        (["--eta", "0"], r"--eta must be > 0 \(or inf for no proximal term\), got 0.0"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+        (["--elastic-check-s", "nan"], "--elastic-check-s must be a finite number > 0, got nan"),
+        (["--inner-optimizer", "lion"], "--inner-optimizer: unknown inner optimizer 'lion'"),
+        (["--min-lr-ratio", "2"], r"--min-lr-ratio must be in \[0, 1\], got 2.0"),
         (["--workers", "4:2"], "--workers needs 1 <= min <= max, got '4:2'"),
         (["--workers", "two"], "--workers must be a number or min:max"),
         (["--steps", "10", "--tokens", "100"], "give either --steps or --tokens, not both"),
@@ -100,10 +114,25 @@ def test_split_share_keeps_the_global_batch(g: int, w: int) -> None:
     assert sum(m * w / g for s in shares for m in s) == pytest.approx(w)
 
 
-def test_config_round_trips_through_a_dict() -> None:
-    cfg, _ = parse_config(["--model", "llama-micro", "--rank", "8"])
-    again = TrainConfig(**cfg.to_dict())
-    assert again == cfg
+@pytest.mark.parametrize("argv", [[], ["--model", "llama-micro", "--rank", "8"], ["--algorithm-1"],
+                                  ["--model", "llama-1b", "--optimizer", "galore", "--tokens", "1e9"],
+                                  ["--workers", "2:4", "--worker-resources", '{"a": 1}', "--fault-plan", "3:1:step"]])
+def test_config_round_trips_through_a_dict_and_back_to_options(argv: list[str]) -> None:
+    """to_dict/from_dict (state.json, through JSON as it is stored) and as_options (MLflow's parameters, a
+    sweep's best config) give the same RunConfig back."""
+    cfg, _ = parse_config(argv)
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert resolve(TrainOptions(**cfg.as_options())) == cfg
+
+
+def test_a_checkpoint_of_flat_options_reads_as_it_was_resolved() -> None:
+    """state.json of rso_ray before the RunConfig held the flat options with the recipe applied."""
+    old = {"model": "llama-micro", "optimizer": "rso", "rank": 8, "resample_every": 10, "steps": 40, "lr": 3e-3,
+           "global_batch_size": 8, "micro_batch_size": 8, "eval_every": 20, "eval_tokens": 8192, "checkpoint_every": 10,
+           "projection": "haar", "inner_warmup": 0, "target_lr_scale": None, "run_name": "old", "storage_path": "/tmp/x",
+           "mlflow_tracking_uri": "sqlite:///m.db", "workers": "1", "retired_option": 1}
+    cfg = RunConfig.from_dict(old)
+    assert (cfg.method.rank, cfg.method.resample_every, cfg.steps, cfg.method.lr, cfg.run_name) == (8, 10, 40, 3e-3, "old")
 
 
 def test_yaml_min_max_workers_is_not_a_base60_number(tmp_path: Path) -> None:
@@ -112,50 +141,50 @@ def test_yaml_min_max_workers_is_not_a_base60_number(tmp_path: Path) -> None:
     f.write_text("workers: 2:8\nlr: 1e-3\nsteps: 1e3\n")
     values = load_config_file(f)
     assert values["workers"] == "2:8" and values["lr"] == 1e-3 and values["steps"] == 1000
-    assert TrainConfig(**values).worker_range() == (2, 8)
+    assert resolve(TrainOptions(**values)).workers == (2, 8)
 
 
 def test_target_lr_scale_reaches_the_method() -> None:
     cfg, _ = parse_config(["--optimizer", "adamw", "--lr", "0.01", "--target-lr-scale", "0.25"])
-    method = cfg.method_config()
+    method = cfg.method
     assert (method.lr, method.target_scale) == (0.01, 0.25)
     galore, _ = parse_config(["--optimizer", "galore"])
-    assert galore.method_config().target_scale == 0.25  # GaLore's scale, as in its scripts
+    assert galore.method.target_scale == 0.25  # GaLore's scale, as in its scripts
 
 
 @pytest.mark.parametrize(("optimizer", "scale"), [("rso", 0.25), ("adamw", 0.125), ("galore", 0.25)])
 def test_small_model_recipes_take_the_tuned_target_lr_scale(optimizer: str, scale: float) -> None:
     cfg, _ = parse_config(["--optimizer", optimizer])
-    assert (cfg.lr, cfg.target_lr_scale) == (1e-2, scale)
+    assert (cfg.method.lr, cfg.method.target_lr_scale) == (1e-2, scale)
     paper, _ = parse_config(["--optimizer", optimizer, "--model", "llama-60m"])
     # The paper's models keep the published recipes: one lr for RSO (Algorithm 1) and AdamW, GaLore's 0.25.
-    assert paper.target_lr_scale is None
-    assert paper.method_config().target_scale == (0.25 if optimizer == "galore" else 1.0)
+    assert paper.method.target_lr_scale is None
+    assert paper.method.target_scale == (0.25 if optimizer == "galore" else 1.0)
     explicit, _ = parse_config(["--optimizer", optimizer, "--target-lr-scale", "1"])
-    assert explicit.method_config().target_scale == 1.0  # the command line wins over the recipe
+    assert explicit.method.target_scale == 1.0  # the command line wins over the recipe
 
 
 def test_inner_warmup_comes_from_the_recipe_else_algorithm_1() -> None:
     tiny, _ = parse_config([])
-    assert tiny.method_config().inner_warmup == 10
+    assert tiny.method.inner_warmup == 10
     paper, _ = parse_config(["--model", "llama-60m"])
-    assert paper.method_config().inner_warmup == 0
+    assert paper.method.inner_warmup == 0
     algorithm_1, _ = parse_config(["--target-lr-scale", "1", "--inner-warmup", "0"])
-    method = algorithm_1.method_config()
+    method = algorithm_1.method
     assert (method.target_scale, method.inner_warmup, method.inner_state) == (1.0, 0, "reset")
 
 
 def test_algorithm_1_is_one_option_away() -> None:
     tiny, _ = parse_config([])
-    assert (tiny.target_lr_scale, tiny.inner_warmup, tiny.projection) == (0.25, 10, "coordinate")  # the recipe
+    assert (tiny.method.target_lr_scale, tiny.method.inner_warmup, tiny.method.projection) == (0.25, 10, "coordinate")  # the recipe
     exact, _ = parse_config(["--algorithm-1"])
-    method = exact.method_config()
+    method = exact.method
     assert (method.target_scale, method.inner_warmup, method.inner_state, method.projection) == (1.0, 0, "reset", "haar")
-    assert method.lr == tiny.lr  # the recipe's lr stays: one lr for every parameter
+    assert method.lr == tiny.method.lr  # the recipe's lr stays: one lr for every parameter
     coordinate, _ = parse_config(["--algorithm-1", "--projection", "coordinate", "--inner-warmup", "0"])
-    assert (coordinate.projection, coordinate.inner_warmup) == ("coordinate", 0)  # P stays the user's choice
+    assert (coordinate.method.projection, coordinate.method.inner_warmup) == ("coordinate", 0)  # P stays the user's choice
     paper, _ = parse_config(["--model", "llama-60m"])
-    assert (paper.projection, paper.method_config().target_scale, paper.inner_warmup) == ("haar", 1.0, 0)
+    assert (paper.method.projection, paper.method.target_scale, paper.method.inner_warmup) == ("haar", 1.0, 0)
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -53,7 +53,7 @@ def test_remove_and_add_node(tmp_path: Path) -> None:
         "rank": 16, "resample_every": 10, "log_every": 5, "eval_every": 200, "eval_tokens": 4096,
         "cpus_per_worker": 0.5, "worker_resources": '{"trainer": 1}', "elastic_check_s": 2.0, "max_failures": 5,
         "storage_path": str(tmp_path / "runs"), "run_name": "elastic", "mlflow_tracking_uri": tracking,
-    }).with_recipe()
+    })
     outcome: dict = {}
 
     def train() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rso_ray.config import TrainConfig, config_from_dict
+from rso_ray.config import RunConfig, config_from_dict
 from rso_ray.training.checkpoint import MODEL_FILE, latest_checkpoint, read_state
 
 pytestmark = pytest.mark.slow
@@ -29,26 +29,26 @@ BASE = dict(model="llama-micro", steps=16, global_batch_size=8, micro_batch_size
             log_every=4, eval_every=16, eval_tokens=4096, lr=3e-3, max_failures=6, keep_checkpoints=2)
 
 
-def _config(tmp: Path, **overrides) -> TrainConfig:
+def _config(tmp: Path, **overrides) -> RunConfig:
     values = dict(BASE, storage_path=str(tmp / "runs"), mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
                   run_name="run")
     values.update(overrides)
-    return config_from_dict(values).with_recipe()
+    return config_from_dict(values)
 
 
-def _train(cfg: TrainConfig) -> dict:
+def _train(cfg: RunConfig) -> dict:
     from rso_ray.cluster.driver import run
 
     return run(cfg)
 
 
-def _final(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+def _final(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], dict]:
     path = latest_checkpoint(str(Path(cfg.storage_path) / cfg.run_name))
     assert path is not None
     return torch.load(Path(path) / MODEL_FILE, weights_only=True), read_state(path)
 
 
-def _assert_same_run(cfg: TrainConfig, ref: TrainConfig) -> None:
+def _assert_same_run(cfg: RunConfig, ref: RunConfig) -> None:
     weights, state = _final(cfg)
     ref_weights, ref_state = _final(ref)
     assert state["step"] == ref_state["step"] == cfg.steps
@@ -64,9 +64,9 @@ def _assert_same_run(cfg: TrainConfig, ref: TrainConfig) -> None:
 @pytest.fixture(scope="module")
 def references(ray_local, tmp_path_factory):
     """Uninterrupted runs, one per world size, made on first use."""
-    made: dict[str, TrainConfig] = {}
+    made: dict[str, RunConfig] = {}
 
-    def get(workers: str) -> TrainConfig:
+    def get(workers: str) -> RunConfig:
         if workers not in made:
             cfg = _config(tmp_path_factory.mktemp(f"ref{workers}"), workers=workers)
             _train(cfg)
@@ -76,7 +76,7 @@ def references(ray_local, tmp_path_factory):
     return get
 
 
-def _fired(cfg: TrainConfig) -> list[str]:
+def _fired(cfg: RunConfig) -> list[str]:
     return sorted(p.name for p in (Path(cfg.storage_path) / cfg.run_name).glob(".fault_*"))
 
 
@@ -120,12 +120,12 @@ def _started_at(pid: int) -> float | None:
         return None
 
 
-def _cli(cfg: TrainConfig, cwd: Path) -> list[str]:
+def _cli(cfg: RunConfig, cwd: Path) -> list[str]:
     args = [sys.executable, "-m", "rso_ray.train"]
     for key in ("model", "steps", "global_batch_size", "micro_batch_size", "rank", "resample_every", "log_every",
                 "eval_every", "eval_tokens", "lr", "workers", "storage_path", "mlflow_tracking_uri", "run_name",
                 "keep_checkpoints"):
-        args += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
+        args += [f"--{key.replace('_', '-')}", str(cfg.as_options()[key])]
     return args
 
 

@@ -46,9 +46,9 @@ def _hf(folder: Path):
 def _trained_run(tmp: Path, optimizer: str, *, steps: int, resample_every: int = 100):
     """Train llama-micro in-process for ``steps`` and write the checkpoint a run would write."""
     cfg = config_from_dict(dict(model="llama-micro", optimizer=optimizer, steps=8, rank=16, resample_every=resample_every,
-                                storage_path=str(tmp / "runs"), run_name="run")).with_recipe()
+                                storage_path=str(tmp / "runs"), run_name="run"))
     model = build_model("llama-micro", vocab_size=VOCAB, seed=0)
-    method = build_method(model, cfg.method_config())
+    method = build_method(model, cfg.method)
     ids = _ids()
     for _ in range(steps):
         method.zero_grad()
@@ -158,9 +158,9 @@ def test_export_logged_to_the_runs_mlflow_run(tmp_path: Path, capsys) -> None:
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run(uri, "exp", "run")
-    cfg = config_from_dict(dict(model="llama-micro", optimizer="adamw", steps=2, mlflow_tracking_uri=uri)).with_recipe()
+    cfg = config_from_dict(dict(model="llama-micro", optimizer="adamw", steps=2, mlflow_tracking_uri=uri))
     model = build_model("llama-micro", vocab_size=VOCAB, seed=0)
-    method = build_method(model, cfg.method_config())
+    method = build_method(model, cfg.method)
     write_checkpoint(tmp_path / "run" / "checkpoint_00000000", model=model, method=method,
                      state={"step": 0, "config": cfg.to_dict(), "mlflow_run_id": run_id})
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--mlflow"]) == 0
@@ -206,9 +206,9 @@ def test_export_of_an_hf_run_with_tied_embeddings(tmp_path: Path) -> None:
     """A run of a transformers model (--model hf:<folder>, here one that ties lm_head to the embedding),
     mid-subspace: exported with one copy of the tied matrix, it gives the logits of the trained model."""
     folder = _pretrained_folder(tmp_path, tie=True)
-    cfg = config_from_dict(dict(init_from=str(folder), steps=8, rank=16, resample_every=100)).with_recipe()
+    cfg = config_from_dict(dict(init_from=str(folder), steps=8, rank=16, resample_every=100))
     model = load_pretrained(build_model(cfg.model, vocab_size=VOCAB, seed=0), str(folder))
-    method = build_method(model, cfg.method_config())
+    method = build_method(model, cfg.method)
     ids = _ids()
     for _ in range(3):
         method.zero_grad()
@@ -237,8 +237,8 @@ def test_init_from_gives_transformers_loss_then_trains(tmp_path: Path, model_nam
     # Same float32 maths in two implementations (see FP32), and our loss is a token-weighted mean over
     # two batches where transformers' is one mean: float32 rounding of the sums only.
     assert first == pytest.approx(_hf_loss(folder, blocks), rel=1e-5)
-    cfg = config_from_dict(dict(model=name, init_from=str(folder), steps=12, rank=16, resample_every=4, lr=3e-3)).with_recipe()
-    method = build_method(model, cfg.method_config())
+    cfg = config_from_dict(dict(model=name, init_from=str(folder), steps=12, rank=16, resample_every=4, lr=3e-3))
+    method = build_method(model, cfg.method)
     for _ in range(12):
         method.zero_grad()
         model(blocks, labels=blocks).loss.backward()
@@ -309,7 +309,7 @@ def test_init_from_end_to_end_on_ray(tmp_path: Path) -> None:
         init_from=str(folder), steps=12, workers="1", global_batch_size=8, micro_batch_size=8, rank=16,
         resample_every=4, log_every=4, eval_every=12, eval_tokens=4096, seq_len=128, lr=3e-3, export_hf="folder",
         storage_path=str(tmp_path / "runs"), mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_name="run",
-    )).with_recipe()
+    ))
     assert cfg.model == f"hf:{folder}"
     prep = prepare(cfg)
     reference = _hf_loss(folder, torch.from_numpy(prep.validation).long())

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rso_ray.cluster.runlock import LOCK_FILE, RunLock, RunLocked
-from rso_ray.config import TrainConfig, build_parser, config_from_dict
+from rso_ray.config import build_parser, config_from_dict
 from rso_ray.core.methods import MethodConfig, build_method
 from rso_ray.training import checkpoint as ckpt
 from rso_ray.training import storage
@@ -157,7 +157,7 @@ def test_help_shows_real_defaults_only() -> None:
 def test_fault_plan_is_validated() -> None:
     with pytest.raises(ValueError, match=r"--fault-plan: expected STEP:RANK:POINT"):
         config_from_dict({"fault_plan": "3:1:sometime"})
-    assert TrainConfig(fault_plan="3:1:step,4:0:report").fault_plan == "3:1:step,4:0:report"
+    assert config_from_dict({"fault_plan": "3:1:step,4:0:report"}).faults == ((3, 1, "step"), (4, 0, "report"))
 
 
 def test_console_filter_drops_ray_noise_and_summarizes_a_dead_worker() -> None:

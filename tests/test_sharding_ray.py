@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rso_ray.config import TrainConfig, config_from_dict
+from rso_ray.config import RunConfig, config_from_dict
 from rso_ray.core.methods import build_method
 from rso_ray.models import build_model
 from rso_ray.training.checkpoint import COMPLETE_FILE, MODEL_FILE, latest_checkpoint, read_state
@@ -19,7 +19,7 @@ from rso_ray.training.comm import trainable_bytes
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp: Path, **overrides) -> TrainConfig:
+def _config(tmp: Path, **overrides) -> RunConfig:
     base = dict(
         model="llama-micro", steps=8, workers="2", global_batch_size=8, micro_batch_size=2, rank=16,
         resample_every=4, log_every=1, eval_every=4, eval_tokens=8192, lr=3e-3, parallelism="fsdp",
@@ -27,10 +27,10 @@ def _config(tmp: Path, **overrides) -> TrainConfig:
         max_failures=0,
     )
     base.update(overrides)
-    return config_from_dict(base).with_recipe()
+    return config_from_dict(base)
 
 
-def _history(cfg: TrainConfig, run_id: str, key: str) -> list[tuple[int, float]]:
+def _history(cfg: RunConfig, run_id: str, key: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
     return sorted((m.step, m.value) for m in MlflowClient(cfg.mlflow_tracking_uri).get_metric_history(run_id, key))
@@ -54,7 +54,7 @@ def test_fsdp_two_workers_then_relaunch_on_one(ray_local, tmp_path: Path) -> Non
     # reduce-scattered once per step (the last of 2 micro-batches), exactly the trainable bytes (llama-micro's
     # tensors split evenly over 2 workers: no padding); the weights are all-gathered per micro-batch.
     model = build_model(cfg.model, vocab_size=8192)
-    build_method(model, cfg.method_config())
+    build_method(model, cfg.method)
     reduced = {v for _, v in _history(cfg, run_id, "comm/bytes_per_step")}
     assert reduced == {float(trainable_bytes(model))}
     gathered = {v for _, v in _history(cfg, run_id, "comm/all_gather_bytes_per_step")}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rso_ray.config import TrainConfig, config_from_dict
+from rso_ray.config import RunConfig, config_from_dict
 from rso_ray.core.methods import build_method
 from rso_ray.data.embedded_assets import embedded_shards
 from rso_ray.data.records import iter_records
@@ -31,7 +31,7 @@ from rso_ray.training.comm import trainable_bytes
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp: Path, **overrides) -> TrainConfig:
+def _config(tmp: Path, **overrides) -> RunConfig:
     base = dict(
         model="llama-micro", steps=16, workers="2", global_batch_size=8, micro_batch_size=4, rank=16,
         resample_every=4, log_every=2, eval_every=8, eval_tokens=8192, lr=3e-3,
@@ -39,24 +39,24 @@ def _config(tmp: Path, **overrides) -> TrainConfig:
         max_failures=1,
     )
     base.update(overrides)
-    return config_from_dict(base).with_recipe()
+    return config_from_dict(base)
 
 
-def _history(cfg: TrainConfig, run_id: str, key: str) -> list[tuple[int, float]]:
+def _history(cfg: RunConfig, run_id: str, key: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
     hist = MlflowClient(cfg.mlflow_tracking_uri).get_metric_history(run_id, key)
     return sorted((m.step, m.value) for m in hist)
 
 
-def _weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def _weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The final checkpoint's weights."""
     path = latest_checkpoint(str(Path(cfg.storage_path) / cfg.run_name))
     assert path is not None
     return torch.load(Path(path) / MODEL_FILE, weights_only=True)
 
 
-def _train(cfg: TrainConfig) -> dict:
+def _train(cfg: RunConfig) -> dict:
     from rso_ray.cluster.driver import run
 
     return run(cfg)
@@ -96,7 +96,7 @@ def test_two_workers_train_and_log_to_mlflow(baseline) -> None:
 
 def test_two_workers_weights_identical(baseline) -> None:
     cfg, summary = baseline
-    assert _history(cfg, summary["mlflow_run_id"], "train/merges")[-1][1] == cfg.steps // cfg.resample_every
+    assert _history(cfg, summary["mlflow_run_id"], "train/merges")[-1][1] == cfg.steps // cfg.method.resample_every
     ckpts = sorted(p for p in Path(cfg.storage_path, cfg.run_name).glob("checkpoint_*") if p.is_dir())
     assert ckpts and all((c / STATE_FILE).is_file() and (c / MODEL_FILE).is_file() and (c / TRAIN_STATE_FILE).is_file() for c in ckpts)
     assert len(ckpts) <= cfg.keep_checkpoints
@@ -106,9 +106,9 @@ def test_two_workers_weights_identical(baseline) -> None:
     assert read_state(ckpts[-1])["world_size"] == 2
 
 
-def _expected_trainable_bytes(cfg: TrainConfig) -> int:
+def _expected_trainable_bytes(cfg: RunConfig) -> int:
     model = build_model(cfg.model, vocab_size=8192)
-    build_method(model, cfg.method_config())
+    build_method(model, cfg.method)
     return trainable_bytes(model)
 
 
@@ -141,7 +141,7 @@ def test_worker_failure_recovers_without_double_counting(ray_local, baseline, tm
     # step 10, trained before the failure but not logged, is logged once by the second attempt.
     assert steps == sorted(set(steps)) == [1, 2, 4, 6, 8, 9, 10, 12, 14, 16]
     assert (Path(cfg.storage_path) / cfg.run_name / ".fault_0_10_1_step").exists()  # the fault did happen
-    assert _history(cfg, summary["mlflow_run_id"], "train/merges")[-1][1] == cfg.steps // cfg.resample_every
+    assert _history(cfg, summary["mlflow_run_id"], "train/merges")[-1][1] == cfg.steps // cfg.method.resample_every
     # Exact resume (same weights, same data position): the uninterrupted run's result, to the bit.
     assert summary["eval_loss"] == ref["eval_loss"]
     assert summary["consumed_blocks"] == ref["consumed_blocks"] == cfg.steps * cfg.global_batch_size

@@ -73,5 +73,5 @@ def test_smoke_sweep(ray_local, tmp_path: Path) -> None:
 
     best = min((o for o in outcomes if o.metric is not None), key=lambda o: o.metric)
     cfg, _ = parse_config(["--config", raw["output"]])  # the best config is a training config
-    assert cfg.rank == best.values["rank"] and cfg.lr == pytest.approx(best.values["lr"])
+    assert cfg.method.rank == best.values["rank"] and cfg.method.lr == pytest.approx(best.values["lr"])
     assert cfg.model == "llama-micro"

@@ -43,7 +43,7 @@ def test_good_sweep(tmp_path: Path) -> None:
     assert spec.trial_count() == 4 and spec.metric == "eval_loss" and spec.scheduler["type"] == "asha"
     assert [d.kind for d in spec.space] == ["grid", "loguniform"]
     cfg = spec.base_config()
-    assert cfg.model == "llama-micro" and cfg.steps == 24 and cfg.workers == "1"
+    assert cfg.model == "llama-micro" and cfg.steps == 24 and cfg.workers == (1, 1)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def test_sweep_resources_min_max_workers_is_not_a_base60_number(tmp_path: Path) 
     f.write_text("name: s\nbase: {model: llama-micro}\nresources: {workers: 2:8}\n"
                  "search_space: {lr: {grid: [0.001, 0.002]}}\n")
     spec = load_sweep(f)
-    assert spec.base_config().worker_range() == (2, 8)
+    assert spec.base_config().workers == (2, 8)
 
 
 def test_relative_storage_path_is_resolved_where_the_sweep_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,6 +126,6 @@ def test_check_runs_the_methods_own_checks(tmp_path: Path) -> None:
         "name: ks\nbase: {model: llama-micro, optimizer: rso, inner_optimizer: sgd, steps: 4}\n"
         "search_space:\n  inner_state: {grid: [reset, keep_second]}\nmetric: eval_loss\nmode: min\n"
     )
-    with pytest.raises(ValueError, match=r"inner_state.*value 'keep_second' is not valid: inner_state 'keep_second' "
+    with pytest.raises(ValueError, match=r"inner_state.*value 'keep_second' is not valid: --inner-state 'keep_second' "
                                          r"needs an Adam inner optimizer, not 'sgd'"):
         load_sweep(path)

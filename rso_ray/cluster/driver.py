@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import TrainConfig
+from ..config import RunConfig
 from ..console import format_table, human_duration
 from ..data.pipeline import validation_blocks
 from ..data.sources import DataSource, resolve_source
@@ -91,7 +91,7 @@ def _on_interrupt(controller: Any) -> None:
 class Prepared:
     """What the driver worked out before starting Ray."""
 
-    config: TrainConfig
+    config: RunConfig
     source: DataSource
     vocab_size: int
     tokenizer_vocab: int
@@ -101,7 +101,7 @@ class Prepared:
     """Epochs of units in the train stream: enough for the token budget (with a margin), at most --max-epochs."""
 
 
-def resolve_vocab(cfg: TrainConfig, tokenizer_len: int) -> int:
+def resolve_vocab(cfg: RunConfig, tokenizer_len: int) -> int:
     """The demo models take the tokenizer's vocabulary; the paper's models keep 32000 rows (with T5's
     32100-token tokenizer the 100 sentinel ids, absent from plain text, become <unk>)."""
     from ..models import model_config
@@ -115,7 +115,7 @@ def resolve_vocab(cfg: TrainConfig, tokenizer_len: int) -> int:
     return model_config(cfg.model).vocab_size
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
+def prepare(cfg: RunConfig) -> Prepared:
     """Every check that needs no cluster: model and rank (traced on the meta device), tokenizer (offline
     load), data files, and the fixed validation set. Raises ValueError/FileNotFoundError with the cause."""
     from ..core.methods import build_method
@@ -131,9 +131,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     model = build_model(cfg.model, vocab_size=vocab, device="meta")
     if cfg.init_from:
         check_init_from(cfg, model)
-    build_method(model, cfg.method_config())  # rank vs layer sizes, targets, inner optimizer
+    build_method(model, cfg.method)  # rank vs layer sizes, targets, inner optimizer
     source = resolve_source(cfg.data)
-    assert cfg.eval_tokens is not None
     val = validation_blocks(
         source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=vocab, max_tokens=cfg.eval_tokens,
         on_bad_line=cfg.on_bad_line,
@@ -142,12 +141,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(cfg, source, vocab, len(tok), val, ratio, epochs_needed(cfg, source, tok, vocab))
 
 
-def _init_from_config(cfg: TrainConfig) -> Any:
+def _init_from_config(cfg: RunConfig) -> Any:
     """The transformers config of --init-from, once its folder is known to hold weights too."""
     from ..models.hf_io import pretrained_config, resolve_pretrained, weight_files
 
+    assert cfg.init_from is not None, "called for runs with --init-from only"
     try:
-        folder = resolve_pretrained(cfg.init_from)  # type: ignore[arg-type]
+        folder = resolve_pretrained(cfg.init_from)
         config = pretrained_config(folder)
         weight_files(folder)
     except ValueError as err:
@@ -155,18 +155,19 @@ def _init_from_config(cfg: TrainConfig) -> Any:
     return config
 
 
-def check_init_from(cfg: TrainConfig, model: Any) -> None:
+def check_init_from(cfg: RunConfig, model: Any) -> None:
     """--init-from names a folder (or a hub snapshot, fetched here) whose config and weights fit ``model``
     (built on the meta device); nothing but the safetensors headers is read."""
     from ..models.hf_io import check_pretrained, resolve_pretrained
 
+    assert cfg.init_from is not None, "called for runs with --init-from only"
     try:
-        check_pretrained(model, resolve_pretrained(cfg.init_from))  # type: ignore[arg-type]
+        check_pretrained(model, resolve_pretrained(cfg.init_from))
     except ValueError as err:
         raise ValueError(f"--init-from {cfg.init_from} does not fit --model {cfg.model}: {err}") from None
 
 
-def epochs_needed(cfg: TrainConfig, source: DataSource, tok: Any, vocab: int) -> int:
+def epochs_needed(cfg: RunConfig, source: DataSource, tok: Any, vocab: int) -> int:
     """How many passes over the train files the run needs: a stream that ends soon after the budget lets
     Ray Data finish instead of tokenizing (or waiting on backpressure) far ahead of training. Estimated
     from the first file when it is local and small, from C4's known size for 'c4', else --max-epochs."""
@@ -174,7 +175,7 @@ def epochs_needed(cfg: TrainConfig, source: DataSource, tok: Any, vocab: int) ->
 
     from ..data.packing import Packer
 
-    needed = cfg.steps * cfg.global_batch_size  # type: ignore[operator]
+    needed = cfg.steps * cfg.global_batch_size
     first = source.train[0]
     if source.name == "c4":
         per_epoch = C4_TRAIN_TOKENS // cfg.seq_len
@@ -213,13 +214,13 @@ def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
     return ray.cluster_resources(), started_here
 
 
-def wait_for_workers(cfg: TrainConfig, resources: dict[str, float], started_here: bool) -> dict[str, float]:
+def wait_for_workers(cfg: RunConfig, resources: dict[str, float], started_here: bool) -> dict[str, float]:
     """Return once the cluster has the GPUs the smallest worker group needs. A local instance started by
     this process cannot grow: fail at once. A cluster may be scaling up: wait --resource-wait-s, saying
     so, then fail (a plain loop: Ctrl-C works)."""
     import ray
 
-    lo, _ = cfg.worker_range()
+    lo, _ = cfg.workers
     if not cfg.uses_gpu(resources.get("GPU", 0.0)) or resources.get("GPU", 0.0) >= lo:
         return resources
     have = resources.get("GPU", 0.0)
@@ -254,9 +255,9 @@ class Placement:
     threads: int
 
 
-def place_workers(cfg: TrainConfig, resources: dict[str, float]) -> Placement:
+def place_workers(cfg: RunConfig, resources: dict[str, float]) -> Placement:
     """GPU or CPU workers, their logical CPUs and torch threads, from the cluster's resources."""
-    _lo, hi = cfg.worker_range()
+    _lo, hi = cfg.workers
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     use_gpu = cfg.uses_gpu(gpus)
     # Without GPUs the workers share the CPUs, minus what the data pipeline's tokenizer actor needs (a
@@ -266,7 +267,7 @@ def place_workers(cfg: TrainConfig, resources: dict[str, float]) -> Placement:
     return Placement(use_gpu, cpus_per_worker, threads)
 
 
-def build_trainer(cfg: TrainConfig, place: Placement, runtime: dict[str, Any], callbacks: list[Any] | None) -> Any:
+def build_trainer(cfg: RunConfig, place: Placement, runtime: dict[str, Any], callbacks: list[Any] | None) -> Any:
     """The TorchTrainer of a run: scaling (fixed or elastic) and failures. Checkpoints and data are not
     Ray Train's: rank 0 reads the stream and writes checkpoints (rso_ray.cluster.worker)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -279,15 +280,15 @@ def build_trainer(cfg: TrainConfig, place: Placement, runtime: dict[str, Any], c
         def _register_sigint_handler(self, controller: Any) -> None:
             _on_interrupt(controller)
 
-    lo, hi = cfg.worker_range()
+    lo, hi = cfg.workers
     return Trainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "runtime": runtime},
+        train_loop_config={"config": cfg, "runtime": runtime},
         scaling_config=ScalingConfig(
             num_workers=(lo, hi) if hi > lo else lo,
             use_gpu=place.use_gpu,
             resources_per_worker={"CPU": place.cpus_per_worker} | ({"GPU": 1} if place.use_gpu else {})
-            | cfg.extra_worker_resources(),
+            | cfg.worker_resources,
             elastic_resize_monitor_interval_s=cfg.elastic_check_s,
         ),
         run_config=RunConfig(
@@ -302,7 +303,7 @@ def build_trainer(cfg: TrainConfig, place: Placement, runtime: dict[str, Any], c
 
 
 def run(
-    cfg: TrainConfig,
+    cfg: RunConfig,
     *,
     prepared: Prepared | None = None,
     parent_run_id: str | None = None,
@@ -316,7 +317,7 @@ def run(
 
     t0 = time.time()
     prep = prepared or prepare(cfg)
-    folder = run_dir(cfg.storage_path, cfg.run_name)  # type: ignore[arg-type]
+    folder = run_dir(cfg.storage_path, cfg.run_name)
     info = read_json(f"{folder}/{RUN_INFO}") or {}
     if info and (info.get("model"), info.get("optimizer")) != (cfg.model, cfg.optimizer):
         raise ValueError(
@@ -327,7 +328,7 @@ def run(
         return _run_locked(cfg, prep, folder, info, t0, parent_run_id, callbacks)
 
 
-def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, Any], t0: float,
+def _run_locked(cfg: RunConfig, prep: Prepared, folder: str, info: dict[str, Any], t0: float,
                 parent_run_id: str | None, callbacks: list[Any] | None) -> dict[str, Any]:
     import uuid
 
@@ -338,7 +339,7 @@ def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, A
     resources, started_here = _init_ray(cfg.max_failures)
     place = place_workers(cfg, wait_for_workers(cfg, resources, started_here))
     run_id = tracking.start_run(
-        cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,  # type: ignore[arg-type]
+        cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,
         run_id=info.get("mlflow_run_id"), parent_run_id=parent_run_id,
         tags={"rso_ray.model": cfg.model, "rso_ray.optimizer": cfg.optimizer},
     )
@@ -360,7 +361,7 @@ def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, A
         write_json(runtime["outcome"], {"status": "running", "since": time.time(), "launch_id": launch_id})
         print(
             f"[rso_ray] run {cfg.run_name}: {cfg.model} with {cfg.optimizer}, data {prep.source.name} "
-            f"({len(prep.source.train)} train files), {'GPU' if place.use_gpu else 'CPU'} workers {cfg.workers}; "
+            f"({len(prep.source.train)} train files), {'GPU' if place.use_gpu else 'CPU'} workers {cfg.workers_text()}; "
             f"MLflow run {run_id} at {cfg.mlflow_tracking_uri}; checkpoints in {folder}",
             flush=True,
         )
@@ -382,11 +383,13 @@ def _run_locked(cfg: TrainConfig, prep: Prepared, folder: str, info: dict[str, A
         raise Interrupted(_SIGNALS[-1] if _SIGNALS else signal.SIGINT) from err
     finally:
         _signal_handlers(handlers)
-        tracking.finish_run(cfg.mlflow_tracking_uri, run_id, status)  # type: ignore[arg-type]
+        tracking.finish_run(cfg.mlflow_tracking_uri, run_id, status)
     if outcome.get("status") == "diverged":
         raise TrainingDiverged(str(outcome.get("message")))
     if outcome.get("status") == "data_error":
         raise TrainingDataFailed(str(outcome.get("message")))
+    if outcome.get("status") == "checkpoint_error":
+        raise ValueError(str(outcome.get("message")))
     summary = {
         "run": cfg.run_name, "mlflow_run_id": run_id, "steps": outcome.get("step"), "tokens": outcome.get("tokens"),
         "eval_loss": outcome.get("eval_loss"), "train_wall_time_s": outcome.get("wall_time"),
@@ -416,10 +419,10 @@ def _signal_handlers(restore: dict[int, Any] | None = None) -> dict[int, Any]:
     return {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
-def print_summary(cfg: TrainConfig, s: dict[str, Any]) -> None:
+def print_summary(cfg: RunConfig, s: dict[str, Any]) -> None:
     loss = s.get("eval_loss")
     rows = [
-        ["model / method", f"{cfg.model} / {cfg.optimizer}" + (f" (rank {cfg.rank}, {cfg.projection})" if cfg.optimizer == "rso" else "")],
+        ["model / method", f"{cfg.model} / {cfg.optimizer}" + (f" (rank {cfg.method.rank}, {cfg.method.projection})" if cfg.optimizer == "rso" else "")],
         ["steps", s.get("steps")],
         ["tokens", f"{s['tokens']:,}" if s.get("tokens") else "-"],
         ["eval loss", f"{loss:.4f}" if loss is not None else "-"],
@@ -438,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_config(argv)
         if args.print_config:
-            for k, v in cfg.to_dict().items():
+            for k, v in cfg.as_options().items():
                 print(f"{k}: {v}")
             return 0
         prepared = prepare(cfg)

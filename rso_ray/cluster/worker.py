@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import TEST_OPTIONS, TrainConfig, parse_fault_plan
+from ..config import TEST_OPTIONS, RunConfig
 from ..console import human_bytes, human_duration
 from ..core.memory import SavedTensorCounter, unique_bytes
 from ..core.methods import TrainingMethod, build_method
@@ -43,10 +43,11 @@ from ..models import build_model
 from ..models.hf_io import load_pretrained
 from ..training import storage
 from ..training.checkpoint import (
+    CheckpointDamaged,
     checkpoint_name,
     latest_checkpoint,
-    load_checkpoint,
     prune,
+    restore_newest,
     write_checkpoint,
     write_sharded_checkpoint,
 )
@@ -169,7 +170,7 @@ class StopRun(Exception):
 
 
 class WorkerLoop:
-    def __init__(self, cfg: TrainConfig, runtime: dict[str, Any]):
+    def __init__(self, cfg: RunConfig, runtime: dict[str, Any]):
         import ray.train
         import ray.train.torch
 
@@ -184,9 +185,9 @@ class WorkerLoop:
         self.comm: CommCounter | None = None
         self.feed: DataFeed | None = None
         self.notes_shown: list[str] = []
-        self.faults = parse_fault_plan(cfg.fault_plan)
-        self.micro = split_share(cfg.global_batch_size, self.world, self.rank, cfg.micro_batch_size)  # type: ignore[arg-type]
-        self.offset = share_offset(cfg.global_batch_size, self.world, self.rank)  # type: ignore[arg-type]
+        self.faults = list(cfg.faults)
+        self.micro = split_share(cfg.global_batch_size, self.world, self.rank, cfg.micro_batch_size)
+        self.offset = share_offset(cfg.global_batch_size, self.world, self.rank)
 
     @property
     def sharded(self) -> bool:
@@ -202,9 +203,8 @@ class WorkerLoop:
         cfg = self.cfg
         self.attempt = self._count_attempt()
         self.model = build_model(cfg.model, vocab_size=self.rt["vocab_size"], seed=cfg.seed, device=self.device)
-        # Rank 0 picks the checkpoint, so that every rank loads the same one.
-        path = broadcast_object(latest_checkpoint(self.rt["run_dir"]) if self.rank == 0 else None)
-        if path is None and cfg.init_from:
+        resuming = bool(broadcast_object(latest_checkpoint(self.rt["run_dir"]) is not None if self.rank == 0 else None))
+        if not resuming and cfg.init_from:
             # Into the plain model, before the method wraps its target layers (names as in transformers).
             load_pretrained(self.model, cfg.init_from)
         self.fsdp_comm: ShardedCommCounter | None = None
@@ -212,14 +212,14 @@ class WorkerLoop:
             # RSO layers, then FSDP per block, then the optimizers over the sharded parameters.
             self.fsdp_comm = ShardedCommCounter()
             self.method: TrainingMethod = build_sharded_method(
-                self.model, cfg.method_config(), autocast_dtype=self.autocast, counter=self.fsdp_comm,
+                self.model, cfg.method, autocast_dtype=self.autocast, counter=self.fsdp_comm,
                 activation_checkpointing=cfg.activation_checkpointing)
         else:
-            self.method = build_method(self.model, cfg.method_config())
+            self.method = build_method(self.model, cfg.method)
             if cfg.activation_checkpointing:
                 apply_activation_checkpointing(self.model)  # same parameters: the optimizers stay valid
-        if path is not None:
-            self.restore(path)
+        if resuming:
+            self.restore()
         self.trainable_bytes = trainable_bytes(self.model)  # once: what DDP all-reduces per step
         self.ddp: nn.Module = self.model
         if self.world > 1 and not self.sharded:
@@ -236,15 +236,19 @@ class WorkerLoop:
         if self.rank == 0:
             self.tracker = MlflowTracker(self.rt["mlflow_tracking_uri"], self.rt["mlflow_run_id"])
             self.tracker.log_params(
-                flatten_params({k: v for k, v in cfg.to_dict().items() if k not in TEST_OPTIONS})
+                flatten_params({k: v for k, v in cfg.as_options().items() if k not in TEST_OPTIONS})
                 | {"vocab_size": self.rt["vocab_size"], "data_fingerprint": self.rt["data_fingerprint"],
                    "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
             )
             self.feed = self.open_feed()
 
-    def restore(self, path: str) -> None:
-        """Load the run's checkpoint at ``path`` (the newest complete one)."""
-        saved = load_checkpoint(path, model=self.model, method=self.method, map_location=self.device)
+    def restore(self) -> None:
+        """Load the run's newest complete checkpoint that is intact (older ones when the newest are damaged)."""
+        found = restore_newest(self.rt["run_dir"], model=self.model, method=self.method, map_location=self.device,
+                               say=self.say)
+        if found is None:
+            return
+        path, saved = found
         if saved.get("data_fingerprint") != self.rt["data_fingerprint"]:
             raise ValueError(
                 f"run {self.cfg.run_name!r} was trained on other data (fingerprint {saved.get('data_fingerprint')}, "
@@ -275,7 +279,7 @@ class WorkerLoop:
             seed=cfg.seed, epochs=self.rt["epochs"], consumed=self.state.consumed, on_bad_line=cfg.on_bad_line,
             data_cpus=cfg.data_cpus, buffer_mb=cfg.data_buffer_mb,
         )
-        return DataFeed(dataset, self.state.consumed, batch_rows=min(cfg.global_batch_size, 256),  # type: ignore[type-var]
+        return DataFeed(dataset, self.state.consumed, batch_rows=min(cfg.global_batch_size, 256),
                         files=len(self.rt["source"].train))
 
     def load_validation(self) -> torch.Tensor:
@@ -292,7 +296,7 @@ class WorkerLoop:
         if self.rank == 0:
             assert self.feed is not None
             try:
-                rows = self.feed.take(g)  # type: ignore[arg-type]
+                rows = self.feed.take(g)
             except TrainingDataError as err:
                 message = str(err)
             if self.feed.notes and len(self.notes_shown) < NOTES_SHOWN:
@@ -317,7 +321,7 @@ class WorkerLoop:
             assert rows is not None
             ids = torch.from_numpy(rows.ids).to(self.device, dtype=torch.int32)
         else:
-            ids = torch.empty((g, seq), dtype=torch.int32, device=self.device)  # type: ignore[arg-type]
+            ids = torch.empty((g, seq), dtype=torch.int32, device=self.device)
         if is_distributed():
             dist.broadcast(ids, src=0)
         return ids[self.offset : self.offset + sum(self.micro)].long(), rows
@@ -390,6 +394,10 @@ class WorkerLoop:
     def run(self) -> None:
         try:
             self._run()
+        except CheckpointDamaged as err:  # a restart would read the same files: not a worker failure
+            if self.rank == 0:
+                self.say(str(err))
+                self.finish_attempt("checkpoint_error", str(err))
         except StopRun:
             return  # a normal return with a status in the outcome file: a restart would fail the same way
 
@@ -409,7 +417,7 @@ class WorkerLoop:
         self.start_step, self.t_start, self.streak = st.step, time.perf_counter(), 0
         self.window: list[StepResult] = []
         self.memory: dict[str, float] = {}
-        while st.step < cfg.steps:  # type: ignore[operator]
+        while st.step < cfg.steps:
             result = self.train_one_step()
             if not result.finite:
                 self.on_nonfinite()
@@ -431,7 +439,7 @@ class WorkerLoop:
         cfg, st = self.cfg, self.state
         ids, rows = self.next_rows()
         chunks = list(torch.split(ids, self.micro))
-        weights = [m * self.world / cfg.global_batch_size for m in self.micro]  # type: ignore[operator]
+        weights = [m * self.world / cfg.global_batch_size for m in self.micro]
         counter = SavedTensorCounter(self.model) if (not self.memory and self.rank == 0) else None
         poisoned = cfg.nan_loss_from_step is not None and st.step + 1 >= cfg.nan_loss_from_step
         if self.fsdp_comm is not None:
@@ -450,15 +458,14 @@ class WorkerLoop:
             self.gather_bytes, self.comm_bytes = self.fsdp_comm.take()
         if counter is not None:
             self.memory = self.measure_memory(counter)
-        st.tokens += cfg.global_batch_size * cfg.seq_len  # type: ignore[operator]
+        st.tokens += cfg.global_batch_size * cfg.seq_len
         return result
 
     def on_nonfinite(self) -> None:
         cfg, st = self.cfg, self.state
         st.nonfinite_total += 1
         self.streak += 1
-        self.say(f"step {st.step + 1}: non-finite gradient; " +
-                 ("subspace dropped and resampled (W untouched)" if cfg.optimizer == "rso" else "step skipped"))
+        self.say(f"step {st.step + 1}: non-finite gradient; {self.method.skip_message}")
         self.tracker.log_metrics({"train/nonfinite_steps": st.nonfinite_total}, step=st.step + 1)
         if self.streak >= cfg.max_nonfinite:
             # Every rank sees the same (all-reduced) gradient norm, so all stop here together.
@@ -474,7 +481,7 @@ class WorkerLoop:
         share = sum(self.micro)
         loss_sum, n = all_reduce_sum([sum(r.loss * share for r in self.window), float(len(self.window) * share)], self.device)
         step_time = sum(r.seconds for r in self.window) / len(self.window)
-        rate = cfg.global_batch_size * cfg.seq_len / step_time  # type: ignore[operator]
+        rate = cfg.global_batch_size * cfg.seq_len / step_time
         metrics = {
             "train/loss": loss_sum / max(n, 1.0),
             "train/lr": self.method.current_lr(),
@@ -482,7 +489,7 @@ class WorkerLoop:
             "train/step_time_s": step_time,
             "train/tokens_per_s": rate,
             "train/tokens": float(st.tokens),
-            "train/global_batch": float(cfg.global_batch_size),  # type: ignore[arg-type]
+            "train/global_batch": float(cfg.global_batch_size),
             "train/workers": float(self.world),
             "train/merges": float(st.merges),
             "comm/bytes_per_step": float(self.comm_bytes),
@@ -496,7 +503,7 @@ class WorkerLoop:
         self.tracker.log_metrics(metrics | self.memory, step=st.step)
         if self.memory and st.step == self.start_step + 1:
             self.say("memory: " + ", ".join(f"{k.split('/')[1]} {human_bytes(v)}" for k, v in self.memory.items()))
-        eta = (cfg.steps - st.step) * step_time  # type: ignore[operator]
+        eta = (cfg.steps - st.step) * step_time
         self.say(f"step {st.step}/{cfg.steps}  loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
                  f"{rate:,.0f} tok/s  elapsed {human_duration(time.perf_counter() - self.t_start)}  ETA {human_duration(eta)}")
         self.window = []
@@ -506,12 +513,10 @@ class WorkerLoop:
         import ray.train
 
         cfg, st = self.cfg, self.state
-        do_eval = st.step % cfg.eval_every == 0 or last  # type: ignore[operator]
-        boundary_ok = cfg.optimizer != "rso" or self.method.at_boundary
-        do_ckpt = (st.step % cfg.checkpoint_every == 0 and boundary_ok) or last  # type: ignore[operator]
-        if last and cfg.optimizer == "rso" and not self.method.at_boundary:
-            self.method.end_subspace(merge=True)  # type: ignore[attr-defined]  # fold the last partial subspace in
-            st.merges += 1
+        do_eval = st.step % cfg.eval_every == 0 or last
+        do_ckpt = (st.step % cfg.checkpoint_every == 0 and self.method.at_boundary) or last
+        if last:
+            st.merges += int(self.method.finish())  # RSO folds its last partial subspace in
         if do_eval or (do_ckpt and st.last_eval is None):
             ev = self.evaluate(self.validation)
             st.last_eval = ev.loss
@@ -581,7 +586,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     # Ray sets OMP_NUM_THREADS to the worker's logical CPUs (a fraction on a CPU-only machine); the driver
     # works out the share of physical cores each worker should really use.
     torch.set_num_threads(int(payload["runtime"]["threads"]))
-    cfg = TrainConfig(**payload["config"])
+    cfg: RunConfig = payload["config"]  # resolved by the driver, not checked again
     with contextlib.suppress(AttributeError):
         torch.backends.cuda.matmul.allow_tf32 = True
     WorkerLoop(cfg, payload["runtime"]).run()

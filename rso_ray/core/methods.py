@@ -30,7 +30,17 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .galore import GaLoreAdamW, GaLoreConfig
-from .rso import LLAMA_SHARED_INPUTS, LLAMA_TARGETS, RSOConfig, RSOHandle, apply_rso, match_targets
+from .rso import (
+    LLAMA_SHARED_INPUTS,
+    LLAMA_TARGETS,
+    RSOConfig,
+    RSOHandle,
+    apply_rso,
+    is_adapter_key,
+    match_targets,
+    merge_and_unload,
+    without_adapters,
+)
 from .schedule import WarmupCosine
 
 METHODS: tuple[str, ...] = ("rso", "adamw", "galore")
@@ -129,8 +139,8 @@ class MethodConfig:
         scale = self.target_lr_scale
         if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
             raise ValueError(f"target_lr_scale must be a positive finite number, got {scale!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         self.schedule()  # validates warmup_steps and min_lr_ratio
@@ -138,8 +148,8 @@ class MethodConfig:
             raise ValueError(f"inner_state must be one of {', '.join(INNER_STATES)}; got {self.inner_state!r}")
         if isinstance(self.inner_warmup, bool) or not isinstance(self.inner_warmup, int) or self.inner_warmup < 0:
             raise ValueError(f"inner_warmup must be an integer >= 0, got {self.inner_warmup!r}")
+        self.rso_config()  # rank, projection, eta, tau and targets are checked there, whatever the method
         if self.name == "rso":
-            self.rso_config()
             cls, _ = resolve_optimizer(self.inner_optimizer)
             if self.inner_state == "keep_second" and not issubclass(cls, torch.optim.Adam | torch.optim.AdamW):
                 raise ValueError(f"inner_state 'keep_second' needs an Adam inner optimizer, not {self.inner_optimizer!r}")
@@ -233,6 +243,9 @@ class TrainingMethod:
     def _adjust_lr(self) -> None:
         """Per-method change of the scheduled learning rates before a step (none by default)."""
 
+    skip_message = "step skipped"
+    """What :meth:`skip_step` does, in words for the progress line."""
+
     def skip_step(self) -> None:
         """Throw away this step's gradients (a non-finite loss); the model is untouched."""
         self.zero_grad()
@@ -241,6 +254,28 @@ class TrainingMethod:
     def at_boundary(self) -> bool:
         """True when the state holds nothing that lives only inside a subspace (always, for baselines)."""
         return True
+
+    def finish(self) -> bool:
+        """The run's last step is done: fold in what lives only inside a subspace. True when it merged."""
+        return False
+
+    # -- hooks of checkpoints and export -----------------------------------------------------------
+    def checkpoint_model_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model state dict a checkpoint saves, from the model's own."""
+        return state
+
+    def restorable_keys(self, missing: list[str]) -> set[str]:
+        """Of the model keys a checkpoint written at a boundary lacks, those this method restores itself
+        (zeros); any other missing key means the checkpoint does not fit."""
+        return set()
+
+    def load_counters(self, state: dict[str, Any]) -> None:
+        """The counters of :meth:`state_dict` without its optimizer states (export needs no optimizer)."""
+        self.step_count = int(state["step"])
+
+    def export_model(self) -> nn.Module:
+        """The trained model as a plain model of its architecture (for transformers)."""
+        return self.model
 
     def optimizer_state_tensors(self, params: list[nn.Parameter] | None = None) -> list[torch.Tensor]:
         """Tensors of the optimizer states (of ``params`` only, if given)."""
@@ -436,6 +471,8 @@ class RSOMethod(TrainingMethod):
             if "max_exp_avg_sq" in state:
                 state["max_exp_avg_sq"].copy_(v)
 
+    skip_message = "subspace dropped and resampled (W untouched)"
+
     def skip_step(self) -> None:
         """A non-finite loss inside a subspace: drop B and resample; W and the step count are untouched."""
         self.zero_grad()
@@ -445,6 +482,28 @@ class RSOMethod(TrainingMethod):
     def at_boundary(self) -> bool:
         return self.inner_steps == 0
 
+    def finish(self) -> bool:
+        """Merge the last, partial subspace into W (its B is trained: throwing it away would lose steps)."""
+        if self.at_boundary:
+            return False
+        self.end_subspace(merge=True)
+        return True
+
+    def checkpoint_model_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return without_adapters(state) if self.at_boundary else state  # B is all zero right after a merge
+
+    def restorable_keys(self, missing: list[str]) -> set[str]:
+        return {k for k in missing if is_adapter_key(k)}
+
+    def load_counters(self, state: dict[str, Any]) -> None:
+        super().load_counters(state)
+        self.outer_step = int(state["outer_step"])
+        self.inner_steps = int(state["inner_steps"])
+        self.handle.resample(self.outer_step)  # P is a function of (seed, outer step, group)
+
+    def export_model(self) -> nn.Module:
+        return merge_and_unload(self.model)  # W + P B, and the plain nn.Linear back in place
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(outer_step=self.outer_step, inner_steps=self.inner_steps)
@@ -452,9 +511,7 @@ class RSOMethod(TrainingMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.outer_step = int(state["outer_step"])
-        self.inner_steps = int(state["inner_steps"])
-        self.handle.resample(self.outer_step)  # P is a function of (seed, outer step, group)
+        self.load_counters(state)
 
 
 METHOD_BUILDERS: dict[str, Callable[[nn.Module, MethodConfig], TrainingMethod]] = {

@@ -25,6 +25,10 @@ from torch import nn
 from .layer import RSOLinear, SubspaceGroup
 from .projection import PROJECTIONS
 
+# State-dict keys of an RSO layer (RSOLinear): its B, and its wrapped nn.Linear under "base_layer".
+ADAPTER_PARAM = "rso_B"
+BASE_SEGMENT = ".base_layer."
+
 LLAMA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLAMA_SHARED_INPUTS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -184,6 +188,21 @@ def apply_rso(model: nn.Module, config: RSOConfig, *, outer_step: int = 0) -> RS
     handle = RSOHandle(config=config, layers=layers, groups=list(groups.values()))
     handle.resample(outer_step)
     return handle
+
+
+def is_adapter_key(key: str) -> bool:
+    """Whether a state-dict key is an RSO layer's B."""
+    return key.rsplit(".", 1)[-1] == ADAPTER_PARAM
+
+
+def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the B matrices (all zero right after a merge: nothing to save)."""
+    return {k: v for k, v in state.items() if not is_adapter_key(k)}
+
+
+def rso_layer_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """Keys that only a model with RSO layers has: B matrices and the wrapped weights."""
+    return [k for k in state if is_adapter_key(k) or BASE_SEGMENT in k]
 
 
 def find_handle_layers(model: nn.Module) -> dict[str, RSOLinear]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.rso import rso_layer_keys
 from .llama import LlamaConfig, LlamaForCausalLM
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -283,7 +284,7 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
     """The model's state dict as contiguous CPU tensors in ``dtype``; a tied lm_head is left out (as
     transformers does: it re-ties on load). Refuses RSO layers that were not merged and unloaded."""
     state = model.state_dict()
-    wrapped = [k for k in state if k.endswith("rso_B") or ".base_layer." in k]
+    wrapped = rso_layer_keys(state)
     if wrapped:
         raise ValueError(f"the model still has RSO layers ({wrapped[0]}, ...): call merge_and_unload first")
     out: dict[str, torch.Tensor] = {}

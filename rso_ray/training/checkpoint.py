@@ -1,30 +1,28 @@
-"""Checkpoints, owned by rso_ray (not by Ray Train): written by rank 0 into the run folder, complete only
-once a marker file is written last, restored from the newest complete one, pruned to the newest N.
+"""Checkpoints, owned by rso_ray (not by Ray Train): written into the run folder, complete only once a
+marker file is written last, verified against the checksums in that marker before they are loaded,
+restored from the newest one that is complete and intact, pruned to the newest N.
 
-Completeness is the marker ``rso_complete.json``, written after every other file is in storage; it lists
-each file with its size, and a checkpoint counts as complete only when every listed file is there with
-that size. On a local disk the folder is also built under a temporary name and renamed into place; on an
-object store (no atomic rename) a failed upload (a full disk, a lost connection) leaves a folder without
-the marker, which is ignored and later deleted. Because rso_ray picks the checkpoint to resume from, the
-newest complete one always wins (Ray Train's own checkpoint registry could lag one report behind).
+One publisher (rso_ray.training.publish) writes both formats: it stages the files, describes them (size and
+SHA-256 of each) and writes the marker ``rso_complete.json`` last, only when every file is in place with its
+size; a local folder is built under a temporary name and renamed into place, an object store (no atomic
+rename) gets the marker after the sizes in storage are checked. A folder without its marker is ignored and
+later deleted. A checkpoint whose bytes do not match its checksums (a damaged disk, a file overwritten by
+hand) is reported by name and skipped: the newest intact one is used instead.
 
-For RSO a checkpoint is taken right after a merge, where there is no B and no inner optimizer state:
-the weights, the AdamW state of the non-target parameters, the step, the RNG state, the data position and
-the MLflow run id suffice (the schedule is a function of the step, P of the seed and outer step). The
+For RSO a checkpoint is normally taken right after a merge, where there is no B and no inner optimizer
+state: the weights, the AdamW state of the non-target parameters, the step, the RNG state, the data position
+and the MLflow run id suffice (the schedule is a function of the step, P of the seed and outer step). The
 baselines checkpoint their full optimizer state. Files:
 
-- ``model.pt``: the model's state dict (RSO's B left out when it is zero, at a subspace boundary);
+- ``model.pt``: the model's state dict as the method saves it (RSO leaves out B at a subspace boundary);
 - ``train_state.pt``: the method's state dict (tensors and numbers) and the torch RNG states;
-- ``state.json``: step, tokens, data position, MLflow run id, world size, data fingerprint, config;
+- ``state.json``: the step, the format, the method, and the JSON state of the training loop's parts;
 - ``rso_complete.json``: the marker.
 
-Under ``--parallelism fsdp`` the weights and optimizer states are sharded: every rank writes its own
-shards with torch.distributed.checkpoint (DCP: ``.metadata`` and ``__<rank>_0.distcp`` files instead of
-``model.pt``), nothing is gathered on one rank, and rank 0 writes ``train_state.pt`` (scalars, optimizer
-hyper-parameters, RNG), ``state.json`` (``"format": "dcp"``) and, after a barrier, the marker listing every
-rank's files. A DCP checkpoint loads into any number of workers, sharded or not (each rank reads the
-pieces its parameters need), and a ``model.pt`` checkpoint loads into a sharded model (each rank keeps
-its rows): DDP and FSDP checkpoints of a run are interchangeable.
+Under ``--parallelism fsdp`` weights and optimizer states are sharded (rso_ray.training.sharded_state):
+every rank writes its own shards with torch.distributed.checkpoint (``.metadata`` and ``__<rank>_0.distcp``
+instead of ``model.pt``), rank 0 writes ``train_state.pt`` (scalars, optimizer hyper-parameters, RNG) and
+``state.json`` (``"format": "dcp"``). Either format loads into any number of workers, sharded or not.
 
     python -c "from rso_ray.training.checkpoint import latest_checkpoint, read_state; import sys; print(read_state(latest_checkpoint(sys.argv[1])))" rso_runs/<run>
 """
@@ -35,40 +33,43 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from ..core.layer import sharded_rows
 from ..core.methods import TrainingMethod
 from . import storage
-from .distributed import all_gather_object, barrier, broadcast_object, local_tensor, unwrap
+from .distributed import all_gather_object, broadcast_object, unwrap
 from .distributed import rank as this_rank
+from .distributed import world_size as this_world
+from .publish import COMPLETE_FILE, Publisher, damaged_files, local_copy, read_manifest
+from .sharded_state import (
+    dcp_state,
+    load_dcp,
+    load_whole_weights,
+    method_scalars,
+    read_dcp_weights,
+    shard_method_state,
+)
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
-COMPLETE_FILE = "rso_complete.json"
-CHECKPOINT_WRAPPER_SEGMENT = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper, in parameter names
-_NAME = re.compile(r"^checkpoint_(\d+)$")
+__all__ = ["CHECKPOINT_NAME", "COMPLETE_FILE", "MODEL_FILE", "STATE_FILE", "TRAIN_STATE_FILE", "CheckpointDamaged", "checkpoint_name",
+           "checkpoints", "is_complete", "latest_checkpoint", "load_checkpoint", "local_copy", "prune",
+           "read_model_weights", "read_state", "restore_newest", "verify", "write_checkpoint", "write_sharded_checkpoint"]
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")
+
+
+class CheckpointDamaged(ValueError):
+    """A complete checkpoint whose files are not the bytes that were written, or that does not load."""
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
-
-
-def _model_state(model: nn.Module, method: TrainingMethod) -> dict[str, torch.Tensor]:
-    state = unwrap(model).state_dict()
-    if method.name == "rso" and method.at_boundary:
-        state = {k: v for k, v in state.items() if not k.endswith("rso_B")}  # all zero right after a merge
-    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -79,254 +80,9 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _write_state_json(folder: Path, method: TrainingMethod, state: dict[str, Any], fmt: str) -> None:
+    """state.json's one writer (:func:`read_state` is its one reader)."""
     meta = dict(state, at_boundary=method.at_boundary, method=method.name, format=fmt)
     (folder / STATE_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
-
-
-def _write_files(folder: Path, model: nn.Module, method: TrainingMethod, state: dict[str, Any]) -> None:
-    torch.save(_model_state(model, method), folder / MODEL_FILE)
-    torch.save({"method": method.state_dict(), "rng": _rng_state()}, folder / TRAIN_STATE_FILE)
-    _write_state_json(folder, method, state, "torch")
-
-
-# -- sharded checkpoints (FSDP): torch.distributed.checkpoint, every rank writes its shards ----------------
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    """Parameter names as in the state dict (activation checkpointing's wrapper segment removed)."""
-    return {id(p): name.replace(CHECKPOINT_WRAPPER_SEGMENT, "") for name, p in unwrap(model).named_parameters()}
-
-
-def _optimizer_tensors(method: TrainingMethod, names: dict[int, str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{optimizer index: {parameter name: {state key: value}}}: states keyed by name, not by position, so
-    that DCP can match shards across world sizes."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for i, opt in enumerate(method.optimizers):
-        out[str(i)] = {names[id(p)]: dict(opt.state[p]) for g in opt.param_groups for p in g["params"] if opt.state.get(p)}
-    return out
-
-
-def _scalars(method: TrainingMethod) -> dict[str, Any]:
-    """The method's state without its optimizers' tensors: step counters and optimizer hyper-parameters."""
-    state = method.state_dict()
-    groups = [opt["param_groups"] for opt in state.pop("optimizers")]
-    return {"method": state, "param_groups": groups}
-
-
-def _dcp_state(model: nn.Module, method: TrainingMethod) -> dict[str, Any]:
-    return {"model": unwrap(model).state_dict(), "optim": _optimizer_tensors(method, _param_names(model))}
-
-
-def write_sharded_checkpoint(
-    directory: str | os.PathLike[str],
-    *,
-    model: nn.Module,
-    method: TrainingMethod,
-    state: dict[str, Any],
-    before_finish: Callable[[Path], None] | None = None,
-) -> str:
-    """Called by *every* rank of an FSDP run: each writes its own shards (DCP), rank 0 the scalars and,
-    after a barrier, the marker. Local folders are built under a temporary name and renamed, as in
-    :func:`write_checkpoint`; on an object store each rank uploads its files and the marker goes last."""
-    import torch.distributed.checkpoint as dcp
-
-    rank = this_rank()
-    final = os.fspath(directory)
-    sd = _dcp_state(model, method)
-    if not storage.is_remote(final):
-        parent = Path(final).parent
-        tmp_name = None
-        if rank == 0:
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp_name = tempfile.mkdtemp(prefix=f".{Path(final).name}.tmp-", dir=parent)
-        tmp = Path(broadcast_object(tmp_name))
-        try:
-            dcp.save(sd, checkpoint_id=tmp)
-            if rank == 0:
-                torch.save(_scalars(method) | {"rng": _rng_state()}, tmp / TRAIN_STATE_FILE)
-                _write_state_json(tmp, method, state, "dcp")
-            barrier()  # every rank's shards are on disk
-            if rank == 0:
-                if before_finish is not None:
-                    before_finish(tmp)
-                _publish(tmp, final, state)
-        except BaseException:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        barrier()
-        return final
-    if rank == 0:
-        storage.remove_tree(final)
-    barrier()
-    with tempfile.TemporaryDirectory(prefix="rso-ckpt-") as local:
-        folder = Path(local)
-        dcp.save(sd, checkpoint_id=folder)  # this rank's shards (and, on rank 0, .metadata)
-        if rank == 0:
-            torch.save(_scalars(method) | {"rng": _rng_state()}, folder / TRAIN_STATE_FILE)
-            _write_state_json(folder, method, state, "dcp")
-        mine = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-        error = ""
-        for p in sorted(folder.iterdir()):
-            try:
-                storage.upload_file(p, storage.join(final, p.name))
-            except OSError as err:  # told to every rank below: nobody waits for a marker that never comes
-                error = f"rank {rank} uploading {p.name}: {type(err).__name__}: {err}"
-                break
-        gathered = all_gather_object((mine, error))
-        errors = [e for _, e in gathered if e]
-        if rank == 0 and not errors:
-            if before_finish is not None:
-                before_finish(folder)
-            expected = {name: size for sizes, _ in gathered for name, size in sizes.items()}
-            errors = _size_mismatch(storage.file_sizes(final), expected)
-            if not errors:
-                marker = json.dumps({"files": expected, "step": state.get("step")}, indent=1).encode()
-                storage.write_bytes(storage.join(final, COMPLETE_FILE), marker)
-        errors = broadcast_object(errors)
-    if errors:
-        raise OSError(f"checkpoint upload to {final} is incomplete: {'; '.join(errors)}")
-    return final
-
-
-def _size_mismatch(found: dict[str, int], expected: dict[str, int]) -> list[str]:
-    """What differs between the files in storage and those the writers staged."""
-    return [f"{name} has {found.get(name, 0)} of {size} bytes" for name, size in sorted(expected.items())
-            if found.get(name) != size]
-
-
-def _load_dcp(d: Path, model: nn.Module, method: TrainingMethod) -> dict[str, Any]:
-    """Load a DCP checkpoint into ``model`` (FSDP-sharded on any number of ranks, or whole) and ``method``.
-    Returns train_state.pt's content."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    train_state = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-    reader = dcp.FileSystemReader(d)
-    saved = reader.read_metadata().state_dict_metadata
-    names = _param_names(model)
-    model_sd = unwrap(model).state_dict()
-    # Optimizer states to read: an empty optimizer has no tensors to load into, so they are made here, in
-    # the parameter's layout (sharded like it under FSDP) when they have its shape. (torch's
-    # get_state_dict would instead initialize them with a zero-lr step, which bumps Adam's step count.)
-    optim: dict[str, dict[str, dict[str, Any]]] = {}
-    for i, opt in enumerate(method.optimizers):
-        slots: dict[str, dict[str, Any]] = {}
-        for g in opt.param_groups:
-            # GaLore's projected parameters keep whole (replicated) low-rank states, never laid out like p.
-            like_param = g.get("rank") is None
-            for p in g["params"]:
-                prefix = f"optim.{i}.{names[id(p)]}."
-                for key, meta in saved.items():
-                    if not key.startswith(prefix) or "." in key[len(prefix):]:
-                        continue
-                    if not isinstance(meta, TensorStorageMetadata):  # a number (GaLore's step): DCP sets it
-                        slots.setdefault(names[id(p)], {})[key[len(prefix):]] = None
-                        continue
-                    if like_param and tuple(meta.size) == tuple(p.shape):
-                        t = torch.zeros_like(p, dtype=meta.properties.dtype)
-                    else:
-                        # Adam's step counts live on the CPU (unless capturable/fused); other states with p.
-                        where = torch.device("cpu") if len(meta.size) == 0 else local_tensor(p).device
-                        t = torch.zeros(tuple(meta.size), dtype=meta.properties.dtype, device=where)
-                    slots.setdefault(names[id(p)], {})[key[len(prefix):]] = t
-        optim[str(i)] = slots
-    dcp.load({"model": model_sd, "optim": optim}, storage_reader=reader)
-    unwrap(model).load_state_dict(model_sd)
-    states = []
-    for i, (opt, groups) in enumerate(zip(method.optimizers, train_state["param_groups"], strict=True)):
-        params = [p for g in opt.param_groups for p in g["params"]]
-        by_name = optim[str(i)]
-        states.append({"state": {j: by_name[names[id(p)]] for j, p in enumerate(params) if names[id(p)] in by_name},
-                       "param_groups": groups})
-    method.load_state_dict(dict(train_state["method"], optimizers=states))
-    return train_state
-
-
-def read_model_weights(directory: str | os.PathLike[str], state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The whole model state dict of a local checkpoint folder, from model.pt or from DCP shards (read
-    in this process, no process group: e.g. for export)."""
-    d = Path(directory)
-    if state.get("format") != "dcp":
-        # mmap: tensors are read as they are copied, never all held twice.
-        return dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True))
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(d)
-    meta = reader.read_metadata().state_dict_metadata
-    model = {key.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
-             for key, m in meta.items() if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
-    return model
-
-
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``full`` (a whole tensor, e.g. from model.pt) laid out like ``like``: this rank's rows as a DTensor
-    when ``like`` is FSDP-sharded, else ``full`` itself."""
-    if not isinstance(like, DTensor) or tuple(full.shape) != tuple(like.shape):
-        return full
-    local, rows = sharded_rows(like)
-    piece = full[rows.start : rows.stop].to(device=local.device, dtype=local.dtype).contiguous()
-    return DTensor.from_local(piece, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
-
-
-def _publish(tmp: Path, final: str, state: dict[str, Any]) -> None:
-    """Mark the local folder ``tmp`` complete (the marker last) and rename it to ``final``, replacing an
-    older folder of that name (an incomplete leftover, or the same step written by an earlier attempt)."""
-    (tmp / COMPLETE_FILE).write_bytes(_marker(tmp, state))
-    if Path(final).exists():
-        old = tmp.parent / f".{Path(final).name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def _marker(folder: Path, state: dict[str, Any]) -> bytes:
-    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-    return json.dumps({"files": sizes, "step": state.get("step")}, indent=1).encode()
-
-
-def write_checkpoint(
-    directory: str | os.PathLike[str],
-    *,
-    model: nn.Module,
-    method: TrainingMethod,
-    state: dict[str, Any],
-    before_finish: Callable[[Path], None] | None = None,
-) -> str:
-    """Write a checkpoint to ``directory`` (a local path or a storage URI); returns it. The marker goes
-    last; a local folder is renamed into place once complete. An older folder of the same name (an
-    incomplete leftover, or the same step written by an earlier attempt) is replaced. ``before_finish``
-    runs between the files and the marker (tests use it to simulate a crash mid-write)."""
-    final = os.fspath(directory)
-    if not storage.is_remote(final):
-        parent = Path(final).parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{Path(final).name}.tmp-", dir=parent))
-        try:
-            _write_files(tmp, model, method, state)
-            if before_finish is not None:
-                before_finish(tmp)
-            _publish(tmp, final, state)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
-    with tempfile.TemporaryDirectory(prefix="rso-ckpt-") as local:
-        folder = Path(local)
-        _write_files(folder, model, method, state)
-        storage.remove_tree(final)
-        for p in sorted(folder.iterdir()):
-            storage.upload_file(p, storage.join(final, p.name))
-        if before_finish is not None:
-            before_finish(folder)
-        marker = _marker(folder, state)
-        if storage.file_sizes(final) != json.loads(marker)["files"]:
-            raise OSError(f"checkpoint upload to {final} is incomplete: sizes differ after the upload")
-        storage.write_bytes(storage.join(final, COMPLETE_FILE), marker)
-    return final
 
 
 def _json_default(obj: Any) -> Any:
@@ -335,17 +91,49 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialize {type(obj).__name__} in a checkpoint's state.json")
 
 
+def write_checkpoint(
+    directory: str | os.PathLike[str], *, model: nn.Module, method: TrainingMethod, state: dict[str, Any],
+    before_finish: Callable[[Path], None] | None = None,
+) -> str:
+    """A whole checkpoint (model.pt), written by the calling process alone (rank 0 of a DDP run) to
+    ``directory`` (a local path or a storage URI); returns it. ``state`` is state.json's content."""
+
+    def write(folder: Path) -> None:
+        weights = method.checkpoint_model_state(unwrap(model).state_dict())
+        torch.save({k: v.detach().cpu() for k, v in weights.items()}, folder / MODEL_FILE)
+        torch.save({"method": method.state_dict(), "rng": _rng_state()}, folder / TRAIN_STATE_FILE)
+        _write_state_json(folder, method, state, "torch")
+
+    return Publisher(os.fspath(directory), collective=False, step=state.get("step")).publish(write, before_finish)
+
+
+def write_sharded_checkpoint(
+    directory: str | os.PathLike[str], *, model: nn.Module, method: TrainingMethod, state: dict[str, Any],
+    before_finish: Callable[[Path], None] | None = None,
+) -> str:
+    """A sharded checkpoint (DCP), written by *every* rank of an FSDP run: each its own shards, rank 0 the
+    scalars and state.json (``state`` matters on rank 0 only); the marker goes last."""
+    import torch.distributed.checkpoint as dcp
+
+    shards = dcp_state(model, method)
+
+    def write(folder: Path) -> None:
+        dcp.save(shards, checkpoint_id=folder)  # this rank's shards (and, on rank 0, .metadata)
+        if this_rank() == 0:
+            torch.save(method_scalars(method) | {"rng": _rng_state()}, folder / TRAIN_STATE_FILE)
+            _write_state_json(folder, method, state, "dcp")
+
+    step = broadcast_object(state.get("step"))
+    return Publisher(os.fspath(directory), collective=True, step=step).publish(write, before_finish)
+
+
 def is_complete(directory: str | os.PathLike[str]) -> bool:
     """Whether the marker is there and every file it lists has the listed size."""
-    d = os.fspath(directory)
-    marker = storage.read_json(storage.join(d, COMPLETE_FILE))
-    if not marker or not isinstance(marker.get("files"), dict):
-        return False
-    sizes = storage.file_sizes(d)
-    return all(sizes.get(name) == size for name, size in marker["files"].items())
+    return read_manifest(directory) is not None
 
 
 def read_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """state.json of a complete checkpoint (its one reader)."""
     d = os.fspath(directory)
     if not is_complete(d):
         raise FileNotFoundError(f"{d} is not a complete checkpoint: {COMPLETE_FILE} is missing or does not match its files")
@@ -355,33 +143,39 @@ def read_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-@contextmanager
-def local_copy(directory: str | os.PathLike[str]) -> Iterator[Path]:
-    """A local folder with the checkpoint's files (the folder itself when it is local)."""
-    d = os.fspath(directory)
-    if not storage.is_remote(d):
-        yield Path(d)
-        return
-    with tempfile.TemporaryDirectory(prefix="rso-restore-") as tmp:
-        storage.download_dir(d, tmp)
-        yield Path(tmp)
+def verify(folder: str | os.PathLike[str]) -> list[str]:
+    """Files of a complete local checkpoint folder whose bytes differ from those written ([] when intact).
+    With a process group, rank i checks files i, i + W, ... and every rank gets the whole answer."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return [COMPLETE_FILE]
+    names = sorted(manifest.sizes)
+    mine = damaged_files(Path(folder), manifest, names[this_rank() :: this_world()])
+    return sorted(n for part in all_gather_object(mine) for n in part)
 
 
 def load_checkpoint(
     directory: str | os.PathLike[str], *, model: nn.Module, method: TrainingMethod, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Restore ``model`` and ``method`` from a complete checkpoint; returns its state.json. Tensors-only
-    loading (``weights_only=True``): a checkpoint cannot run code."""
+    """Restore ``model`` and ``method`` from a complete checkpoint after checking its checksums; returns its
+    state.json. Raises CheckpointDamaged naming the checkpoint when its files are damaged or do not load.
+    Tensors-only loading (``weights_only=True``): a checkpoint cannot run code."""
     state = read_state(directory)
     if state.get("method") != method.name:
         raise ValueError(f"checkpoint {directory} was written by {state.get('method')!r}, this run uses {method.name!r}")
     with local_copy(directory) as d:
-        if state.get("format") == "dcp":
-            train_state = _load_dcp(d, model, method)
-        else:
-            weights = torch.load(d / MODEL_FILE, map_location=map_location, weights_only=True)
-            train_state = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-            _load_whole(directory, state, weights, train_state, model, method)
+        damaged = verify(d)
+        if damaged:
+            raise CheckpointDamaged(f"checkpoint {directory} is damaged: {', '.join(damaged)} differ(s) from the "
+                                    f"checksums in its {COMPLETE_FILE}")
+        train_state, error = {}, ""
+        try:
+            train_state = _load_files(d, state, model, method, map_location)
+        except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:  # a zip torch cannot read, ...
+            error = f"{type(err).__name__}: {err}"
+        errors = sorted({e for e in all_gather_object(error) if e})  # every rank gives up together
+        if errors:
+            raise CheckpointDamaged(f"checkpoint {directory} does not load: {'; '.join(errors)}")
     rng = train_state.get("rng", {})
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
@@ -390,39 +184,52 @@ def load_checkpoint(
     return state
 
 
-def _load_whole(
-    directory: str | os.PathLike[str], state: dict[str, Any], weights: dict[str, torch.Tensor],
-    train_state: dict[str, Any], model: nn.Module, method: TrainingMethod,
-) -> None:
-    """A model.pt checkpoint (written by rank 0 of a DDP run) into ``model``, whole or FSDP-sharded."""
-    target = unwrap(model)
-    current = target.state_dict()
-    weights = {k: shard_like(v, current[k]) if k in current else v for k, v in weights.items()}
-    missing, unexpected = target.load_state_dict(weights, strict=False)
-    allowed_missing = {k for k in missing if k.endswith("rso_B")} if state.get("at_boundary") else set()
-    if unexpected or set(missing) - allowed_missing:
-        raise ValueError(
-            f"checkpoint {directory} does not fit this model: missing {sorted(set(missing) - allowed_missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    if allowed_missing:
-        with torch.no_grad():
-            for name, p in target.named_parameters():
-                if name.replace(CHECKPOINT_WRAPPER_SEGMENT, "") in allowed_missing:
-                    p.zero_()
-    method_state = train_state["method"]
-    if any(isinstance(p, DTensor) for p in target.parameters()):
-        # Optimizer states of whole tensors: each rank keeps the rows of its shard.
-        opt_states = []
-        for opt, saved in zip(method.optimizers, method_state["optimizers"], strict=False):
-            params = [p for g in opt.param_groups for p in g["params"]]
-            whole = {j for j, p in enumerate(params) for g in opt.param_groups if g.get("rank") is not None
-                     and any(p is q for q in g["params"])}  # GaLore's projected weights: states stay whole
-            per = {j: {k: shard_like(v, params[j]) if isinstance(v, torch.Tensor) and j not in whole else v
-                       for k, v in s.items()} for j, s in saved["state"].items()}
-            opt_states.append(dict(saved, state=per))
-        method_state = dict(method_state, optimizers=opt_states + method_state["optimizers"][len(opt_states):])
-    method.load_state_dict(method_state)  # optimizers move their state to the parameters' device
+def _load_files(d: Path, state: dict[str, Any], model: nn.Module, method: TrainingMethod,
+                map_location: str | torch.device) -> dict[str, Any]:
+    train_state: dict[str, Any] = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    if state.get("format") == "dcp":
+        load_dcp(d, model, method, train_state)
+        return train_state
+    weights = torch.load(d / MODEL_FILE, map_location=map_location, weights_only=True)
+    misfit = load_whole_weights(model, method, weights, at_boundary=bool(state.get("at_boundary")))
+    if misfit:
+        raise ValueError(f"checkpoint {d} does not fit this model: {', '.join(misfit[:5])}")
+    method.load_state_dict(shard_method_state(model, method, train_state["method"]))
+    return train_state
+
+
+def restore_newest(
+    run_dir: str | os.PathLike[str], *, model: nn.Module, method: TrainingMethod,
+    map_location: str | torch.device = "cpu", say: Callable[[str], None] = print,
+) -> tuple[str, dict[str, Any]] | None:
+    """Load the newest complete checkpoint of a run that is intact and loads; each one that does not is
+    reported by name (``say``) and the previous one is tried. Returns (folder, state.json), or None when the
+    run has no complete checkpoint; raises CheckpointDamaged when it has some but none of them loads.
+    Every rank calls it (the list is rank 0's)."""
+    complete = [p for _, p in reversed(checkpoints(run_dir)) if is_complete(p)] if this_rank() == 0 else None
+    candidates: list[str] = broadcast_object(complete)
+    problems = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, model=model, method=method, map_location=map_location)
+        except CheckpointDamaged as err:
+            problems.append(str(err))
+            older = candidates[len(problems)] if len(problems) < len(candidates) else None
+            say(f"{err}; " + (f"using the one before it, {older.rsplit('/', 1)[-1]}" if older else "no older checkpoint"))
+    if problems:
+        raise CheckpointDamaged(f"no checkpoint of {os.fspath(run_dir)} can be resumed from: " + " | ".join(problems)
+                                + ". Move the damaged folders away to train from an older one, or use a new --run-name")
+    return None
+
+
+def read_model_weights(directory: str | os.PathLike[str], state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The whole model state dict of a local checkpoint folder, from model.pt or from DCP shards (read
+    in this process, no process group: e.g. for export)."""
+    d = Path(directory)
+    if state.get("format") != "dcp":
+        # mmap: tensors are read as they are copied, never all held twice.
+        return dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True))
+    return read_dcp_weights(d)
 
 
 def checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, str]]:
@@ -430,7 +237,7 @@ def checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, str]]:
     root = os.fspath(run_dir)
     out = []
     for name in storage.list_dir(root):
-        m = _NAME.match(name)
+        m = CHECKPOINT_NAME.match(name)
         if m:
             out.append((int(m.group(1)), storage.join(root, name)))
     return sorted(out)

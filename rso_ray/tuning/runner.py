@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..config import TEST_OPTIONS, TrainConfig, config_from_dict
+from ..config import TEST_OPTIONS, RunConfig, config_from_dict
 from ..console import format_table
 from .spec import SweepError, SweepSpec, absolute_storage
 
@@ -47,13 +47,13 @@ def _trial(config: dict[str, Any], *, spec: SweepSpec, parent_run_id: str, track
         "mlflow_tracking_uri": tracking_uri,
         "mlflow_experiment": experiment,
     }
-    cfg = config_from_dict(values, source=f"trial {trial_id}").with_recipe()
+    cfg = config_from_dict(values, source=f"trial {trial_id}")
     run(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
 
 
-def check_cluster_fits(spec: SweepSpec, base: TrainConfig, resources: dict[str, float]) -> None:
+def check_cluster_fits(spec: SweepSpec, base: RunConfig, resources: dict[str, float]) -> None:
     """One trial must fit the cluster: its smallest worker group plus a tokenizer actor."""
-    lo, _ = base.worker_range()
+    lo, _ = base.workers
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
     use_gpu = base.uses_gpu(gpus)
     if use_gpu and lo > gpus:
@@ -212,8 +212,8 @@ def _fmt(v: Any) -> str:
 def _write_best(spec: SweepSpec, best: TrialOutcome, path: Path) -> None:
     """The best trial's training options as a config file for python -m rso_ray.train --config."""
     values = spec.trial_values(best.values)
-    cfg = config_from_dict(values, source=spec.path).with_recipe()
-    keep = {k: v for k, v in cfg.to_dict().items()
+    cfg = config_from_dict(values, source=spec.path)
+    keep = {k: v for k, v in cfg.as_options().items()
             if k not in ("run_name", "storage_path", "mlflow_tracking_uri", *TEST_OPTIONS)
             and v is not None}
     keep = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in keep.items()}

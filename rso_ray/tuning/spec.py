@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from .. import yaml_loader
-from ..config import TEST_OPTIONS, TrainConfig, config_from_dict
+from ..config import OPTION_FIELDS, TEST_OPTIONS, RunConfig, config_from_dict
 from ..models import DEMO_MODELS
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -97,9 +97,9 @@ class SweepSpec:
     output: str | None = None
     lines: dict[tuple[str, ...], int] = field(default_factory=dict)
 
-    def base_config(self) -> TrainConfig:
+    def base_config(self) -> RunConfig:
         """The base training config with the trial resources, recipe applied (no run name yet)."""
-        return config_from_dict(self.trial_values({}), source=self.path).with_recipe()
+        return config_from_dict(self.trial_values({}), source=self.path)
 
     def trial_values(self, sampled: dict[str, Any]) -> dict[str, Any]:
         values = dict(self.base)
@@ -229,9 +229,7 @@ def absolute_storage(path: str) -> str:
 
 
 def _dimension(key: str, kind: str, args: Any, fail: Any) -> Dimension:
-    from ..config import _FIELDS
-
-    if key not in _FIELDS:
+    if key not in OPTION_FIELDS:
         raise fail("is not an option of python -m rso_ray.train")
     if kind in ("grid", "choice"):
         if not isinstance(args, list) or not args:
@@ -262,11 +260,11 @@ def _check_values(spec: SweepSpec, fail: Any) -> None:
         keys = ("search_space", dim.key)
         for value in dim.extremes():
             try:
-                cfg = config_from_dict(spec.trial_values({dim.key: value}), source=spec.path).with_recipe()
-                method = cfg.method_config()  # the method's own checks (e.g. inner_state against the optimizer)
+                # Resolving runs the method's own checks (e.g. inner_state against the optimizer).
+                cfg = config_from_dict(spec.trial_values({dim.key: value}), source=spec.path)
                 if dim.key in ("rank", "target_modules", "optimizer", "inner_optimizer", "model"):
                     build_method(build_model(cfg.model, device="meta", vocab_size=8192 if cfg.model in DEMO_MODELS else None),
-                                 method)
+                                 cfg.method)
             except (ValueError, TypeError) as err:
                 raise fail(keys, f"value {value!r} is not valid: {err}") from None
     if spec.scheduler.get("max_t") and base.steps and spec.scheduler["max_t"] > base.steps:
