@@ -8,7 +8,7 @@ A step is forward + backward + optimizer step (the optimizer step is also timed 
 counts matmuls only, while AdamW also updates every weight and its two moments). RSO's resampling (a QR per group every tau steps) happens
 outside the timed steps; its cost is timed separately and reported amortized over tau.
 
-The FLOP ratio RSO/AdamW of facts.md section 6 is printed next to the measured ratio: per target layer
+The FLOP ratio RSO/AdamW (rso_ray/core/layer.py's count) is printed next to the measured ratio: per target layer
 Adam does 6smn, RSO 4smn + 2srn (dB) + 2srm (Y P, once per group) + 4mnr (forming W + P B, forward and
 backward); everything else (attention, lm_head, embeddings) is common to both.
 """
@@ -42,7 +42,7 @@ VARIANTS = {
 
 
 def flop_ratio(model_name: str, layers: int | None, rank: int, tokens: int, seq_len: int, coordinate: bool) -> float:
-    """RSO/AdamW training FLOPs of one step from the shapes (facts.md section 6). Per block, with s tokens:
+    """RSO/AdamW training FLOPs of one step from the shapes (rso_ray/core/layer.py's count). Per block, with s tokens:
     Adam's linears do 6smo each; RSO's 4smo + 2sro (dB), plus 2srm per input group (Y P) and 4mor per
     layer (forming W + P B in forward and backward) unless P is a coordinate projection (a gather and a
     column update). Attention (6 s S n, causal) and the lm_head (6 s n V) are the same for both."""

@@ -38,6 +38,7 @@ from .training.checkpoint import (
     read_state,
     verify,
 )
+from .training.progress import RunRecord
 from .training.sharded_state import load_whole_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,7 +72,10 @@ def find_checkpoint(path: str | os.PathLike[str], say: Callable[[str], None] = p
 
 def run_config(state: dict[str, Any]) -> RunConfig:
     """The training config stored in a checkpoint's state.json."""
-    return RunConfig.from_dict(state["config"])
+    config = RunRecord.from_state(state).config
+    if config is None:
+        raise ValueError("the checkpoint's state.json holds no run config: it was not written by a training run")
+    return RunConfig.from_dict(config)
 
 
 def load_merged_model(checkpoint: str | os.PathLike[str], *, check: bool = True) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
@@ -134,7 +138,7 @@ def export_checkpoint(
     try:
         save_hf_folder(model, tmp, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=DTYPES[dtype])
         provenance = {"checkpoint": str(ckpt.resolve()), "step": state.get("step"), "method": state.get("method"),
-                      "model": cfg.model, "run_name": cfg.run_name, "mlflow_run_id": state.get("mlflow_run_id")}
+                      "model": cfg.model, "run_name": cfg.run_name, "mlflow_run_id": RunRecord.from_state(state).mlflow_run_id}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
         if target.exists():
             shutil.rmtree(target)
@@ -221,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
           f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
     if args.mlflow:
         state = read_state(find_checkpoint(args.source))
-        uri = log_to_mlflow(out, run_config(state).mlflow_tracking_uri, state["mlflow_run_id"])
-        print(f"logged to MLflow run {state['mlflow_run_id']} as {uri}")
+        run_id = RunRecord.from_state(state).mlflow_run_id
+        if run_id is None:
+            raise ValueError("the checkpoint names no MLflow run to log to")
+        uri = log_to_mlflow(out, run_config(state).mlflow_tracking_uri, run_id)
+        print(f"logged to MLflow run {run_id} as {uri}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -197,3 +198,37 @@ def test_corrupt_record_error_pickles_with_its_fields() -> None:
     err = pickle.loads(pickle.dumps(CorruptRecordError("shard.json.gz", 7, "not valid JSON")))
     assert isinstance(err, CorruptRecordError)
     assert (err.path, err.line, err.reason, str(err)) == ("shard.json.gz", 7, "not valid JSON", "shard.json.gz, line 7: not valid JSON")
+
+
+def _docs(n: int) -> list[str]:
+    rng = np.random.default_rng(5)
+    words = ["river", "stone", "garden", "letter", "morning", "window", "harbor", "lantern", "meadow", "violin"]
+    return [" ".join(rng.choice(words, size=60)) + f" document {i}." for i in range(n)]
+
+
+@pytest.mark.parametrize("layout", ["lone file", "folder without validation"])
+def test_data_without_validation_files_holds_documents_out(tmp_path: Path, layout: str) -> None:
+    """A lone data file (or a folder of train files only) is never its own validation set: whole documents,
+    chosen by a hash of their text, are held out of training and are the validation set, the same on every
+    launch."""
+    docs = _docs(400)
+    if layout == "lone file":
+        data = tmp_path / "single.json"
+    else:
+        (tmp_path / "train").mkdir()
+        data = tmp_path
+    path = data if layout == "lone file" else tmp_path / "train" / "part-0.json"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    src = resolve_source(str(data))
+    assert src.validation_files() == src.train and src.holdout == 0.02
+    train_docs = [r["text"] for r in iter_records(src.train, holdout=src.holdout_side("train"))]
+    val_docs = [r["text"] for r in iter_records(src.validation_files(), holdout=src.holdout_side("validation"))]
+    assert val_docs and not set(val_docs) & set(train_docs)  # nothing evaluated was trained on
+    assert sorted(train_docs + val_docs) == sorted(docs)  # and nothing is lost
+    expected = [d for d in docs if int.from_bytes(hashlib.sha256(d.encode()).digest()[:8], "big") / 2**64 < 0.02]
+    assert val_docs == expected  # the held-out documents, computed independently
+    assert resolve_source(str(data)).fingerprint() == src.fingerprint()  # the same split on the next launch
+    blocks = validation_blocks(src, tokenizer="embedded", seq_len=16, vocab_size=8192, max_tokens=16 * 1000)
+    tok = load_tokenizer("embedded")
+    held_ids = Packer(tok, 16, vocab_size=8192).encode(val_docs)
+    assert blocks.size == (len(held_ids) // 16) * 16 and np.array_equal(blocks.ravel(), held_ids[: blocks.size])

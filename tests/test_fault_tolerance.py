@@ -20,26 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rso_ray.config import RunConfig, config_from_dict
+from rso_ray.config import RunConfig
 from rso_ray.training.checkpoint import MODEL_FILE, latest_checkpoint, read_state
 
 pytestmark = pytest.mark.slow
 
-BASE = dict(model="llama-micro", steps=16, global_batch_size=8, micro_batch_size=4, rank=16, resample_every=4,
-            log_every=4, eval_every=16, eval_tokens=4096, lr=3e-3, max_failures=6, keep_checkpoints=2)
-
-
-def _config(tmp: Path, **overrides) -> RunConfig:
-    values = dict(BASE, storage_path=str(tmp / "runs"), mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
-                  run_name="run")
-    values.update(overrides)
-    return config_from_dict(values)
-
-
-def _train(cfg: RunConfig) -> dict:
-    from rso_ray.cluster.driver import run
-
-    return run(cfg)
+RUN = dict(log_every=4, eval_every=16, eval_tokens=4096, max_failures=6, keep_checkpoints=2)  # on conftest's MICRO_RUN
 
 
 def _final(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], dict]:
@@ -55,21 +41,21 @@ def _assert_same_run(cfg: RunConfig, ref: RunConfig) -> None:
     assert weights.keys() == ref_weights.keys()
     different = [k for k in weights if not torch.equal(weights[k], ref_weights[k])]
     assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
-    consumed = state["data"]["consumed"]
+    consumed = state["data"]
     # Exactly once: steps x global batch blocks, the same blocks as the uninterrupted run.
     assert consumed["blocks"] == cfg.steps * cfg.global_batch_size
-    assert consumed == ref_state["data"]["consumed"]
+    assert consumed == ref_state["data"]
 
 
 @pytest.fixture(scope="module")
-def references(ray_local, tmp_path_factory):
+def references(micro_config, train_run, ray_local, tmp_path_factory):
     """Uninterrupted runs, one per world size, made on first use."""
     made: dict[str, RunConfig] = {}
 
     def get(workers: str) -> RunConfig:
         if workers not in made:
-            cfg = _config(tmp_path_factory.mktemp(f"ref{workers}"), workers=workers)
-            _train(cfg)
+            cfg = micro_config(tmp_path_factory.mktemp(f"ref{workers}"), RUN, workers=workers)
+            train_run(cfg)
             made[workers] = cfg
         return made[workers]
 
@@ -84,9 +70,9 @@ def _fired(cfg: RunConfig) -> list[str]:
     # rank 2 dies mid-subspace, rank 1 just after a report, rank 0 while writing a checkpoint
     ("3", "6:2:step,8:1:report,12:0:checkpoint"),
 ])
-def test_killed_workers_resume_bitwise(references, tmp_path: Path, workers: str, plan: str) -> None:
-    cfg = _config(tmp_path, workers=workers, fault_plan=plan)
-    summary = _train(cfg)
+def test_killed_workers_resume_bitwise(micro_config, train_run, references, tmp_path: Path, workers: str, plan: str) -> None:
+    cfg = micro_config(tmp_path, RUN, workers=workers, fault_plan=plan)
+    summary = train_run(cfg)
     assert len(_fired(cfg)) == len(plan.split(","))  # every planned kill happened
     assert summary["steps"] == cfg.steps and summary["consumed_blocks"] == cfg.steps * cfg.global_batch_size
     _assert_same_run(cfg, references(workers))
@@ -99,14 +85,14 @@ def soak_plan(seed: int, kills: int, steps: int, workers: int) -> str:
     return ",".join(f"{s}:{rng.randrange(workers)}:{rng.choice(['step', 'report', 'checkpoint'])}" for s in chosen)
 
 
-def test_fault_injection_soak(references, tmp_path: Path) -> None:
+def test_fault_injection_soak(micro_config, train_run, references, tmp_path: Path) -> None:
     """Random kills in one 2-worker run (points that never come, e.g. a report at a step without one, do
     not fire): the result is the uninterrupted run's, to the bit."""
     seed = int(os.environ.get("RSO_SOAK_SEED", "0"))
-    plan = soak_plan(seed, kills=5, steps=BASE["steps"], workers=2)
+    plan = soak_plan(seed, kills=5, steps=micro_config(tmp_path, RUN).steps, workers=2)
     print(f"soak plan (RSO_SOAK_SEED={seed}): {plan}")
-    cfg = _config(tmp_path, workers="2", fault_plan=plan)
-    _train(cfg)
+    cfg = micro_config(tmp_path, RUN, workers="2", fault_plan=plan)
+    train_run(cfg)
     assert _fired(cfg), "no planned kill fired: the soak tested nothing"
     _assert_same_run(cfg, references("2"))
 
@@ -129,9 +115,9 @@ def _cli(cfg: RunConfig, cwd: Path) -> list[str]:
     return args
 
 
-def test_driver_killed_then_relaunched_resumes_bitwise(references, tmp_path: Path) -> None:
+def test_driver_killed_then_relaunched_resumes_bitwise(micro_config, references, tmp_path: Path) -> None:
     """kill -9 of the driver after the checkpoint of step 8, then the same command again."""
-    cfg = _config(tmp_path, workers="2")
+    cfg = micro_config(tmp_path, RUN, workers="2")
     env = dict(os.environ, RAY_ADDRESS="")  # each launch starts its own local Ray, as a user's would
     first = subprocess.Popen(_cli(cfg, tmp_path), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -161,9 +147,9 @@ def test_driver_killed_then_relaunched_resumes_bitwise(references, tmp_path: Pat
 
 
 @pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
-def test_interrupt_marks_the_run_killed_and_says_how_to_resume(tmp_path: Path, sig: int, to_group: bool) -> None:
+def test_interrupt_marks_the_run_killed_and_says_how_to_resume(micro_config, tmp_path: Path, sig: int, to_group: bool) -> None:
     """Ctrl-C reaches the terminal's whole process group; `ray job stop` sends SIGTERM to the driver."""
-    cfg = _config(tmp_path, workers="1", steps=2000)  # far more steps than the test waits for
+    cfg = micro_config(tmp_path, RUN, workers="1", steps=2000)  # far more steps than the test waits for
     env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(_cli(cfg, tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

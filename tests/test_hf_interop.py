@@ -55,7 +55,7 @@ def _trained_run(tmp: Path, optimizer: str, *, steps: int, resample_every: int =
         model(ids, labels=ids).loss.backward()
         method.step()
     ckpt = Path(write_checkpoint(tmp / "run" / f"checkpoint_{steps:08d}", model=model, method=method,
-                                 state={"step": steps, "config": cfg.to_dict(), "mlflow_run_id": None}))
+                                 state={"step": steps, "run": {"config": cfg.to_dict(), "mlflow_run_id": None}}))
     return model, method, ckpt
 
 
@@ -162,7 +162,7 @@ def test_export_logged_to_the_runs_mlflow_run(tmp_path: Path, capsys) -> None:
     model = build_model("llama-micro", vocab_size=VOCAB, seed=0)
     method = build_method(model, cfg.method)
     write_checkpoint(tmp_path / "run" / "checkpoint_00000000", model=model, method=method,
-                     state={"step": 0, "config": cfg.to_dict(), "mlflow_run_id": run_id})
+                     state={"step": 0, "run": {"config": cfg.to_dict(), "mlflow_run_id": run_id}})
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--mlflow"]) == 0
     model_uri = capsys.readouterr().out.strip().splitlines()[-1].split(" as ")[-1]
     previous = mlflow.get_tracking_uri()
@@ -215,7 +215,7 @@ def test_export_of_an_hf_run_with_tied_embeddings(tmp_path: Path) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         method.step()
     write_checkpoint(tmp_path / "run" / "checkpoint_00000003", model=model, method=method,
-                     state={"step": 3, "config": cfg.to_dict()})
+                     state={"step": 3, "run": {"config": cfg.to_dict()}})
     out = export_checkpoint(tmp_path / "run", tmp_path / "hf")
     from safetensors import safe_open
 

@@ -1,7 +1,9 @@
-"""Lint (ruff) and type check (mypy on the core) as tests, so CI fails on a finding."""
+"""Lint (ruff), type check (mypy on the core and the training layer) and function length as tests, so CI
+fails on a finding."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(), reason="ruff not installed")
 def test_ruff_is_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    out = subprocess.run([ruff, "check", "rso_ray", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([ruff, "check", "rso_ray", "tests", "benchmarks", "tools", "clusters"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -33,3 +35,25 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = [line for b in blocks for line in b.splitlines() if line.strip().endswith("python -m pytest")]
     assert commands, "README.md gives no test command"
     assert commands[0].strip() in [line.strip() for line in ci.splitlines()]
+
+
+MAX_FUNCTION_LINES = 60  # a function reads at once (the project's style guide)
+
+
+def long_functions(paths: list[Path]) -> list[str]:
+    """'file:line name (n lines)' of every function longer than MAX_FUNCTION_LINES."""
+    out = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    out.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    return out
+
+
+def test_no_function_of_the_package_is_over_60_lines(tmp_path: Path) -> None:
+    assert not long_functions(sorted((ROOT / "rso_ray").rglob("*.py")))
+    long = tmp_path / "long.py"  # the check itself finds a function of 61 lines, not one of 60
+    long.write_text("def f():\n" + "    x = 1\n" * 60 + "\n\ndef g():\n" + "    x = 1\n" * 59)
+    assert long_functions([long]) == ["long.py:1 f (61 lines)"]

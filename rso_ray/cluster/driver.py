@@ -8,6 +8,7 @@ MLflow run and the data, run a Ray Train TorchTrainer, and print a summary.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +20,17 @@ from ..data.pipeline import validation_blocks
 from ..data.sources import DataSource, resolve_source
 from ..models import DEMO_MODELS
 from ..training.engine import perplexity
-from ..training.storage import OUTCOME, RUN_INFO, check_writable, read_json, run_dir, write_json
+from ..training.storage import check_writable, run_dir
+from .messages import (
+    Outcome,
+    RunInfo,
+    WorkerRuntime,
+    read_outcome,
+    read_run_info,
+    write_outcome,
+    write_run_info,
+)
+from .relaunch import Relaunch, check_relaunch
 
 # Ray Data's progress bars and Ray Train's print patch (which logs every print a second time) would drown
 # the progress lines of rank 0.
@@ -65,7 +76,6 @@ def _on_interrupt(controller: Any) -> None:
     Interrupted, so that run() marks the MLflow run KILLED and says how to resume. A second signal during
     the abort raises at once."""
     import contextlib
-    import signal
 
     import ray
 
@@ -182,7 +192,7 @@ def epochs_needed(cfg: RunConfig, source: DataSource, tok: Any, vocab: int) -> i
     elif "://" in first or Path(first).stat().st_size > 64 * 2**20:
         return cfg.max_epochs
     else:
-        per_file = sum(1 for _ in Packer(tok, cfg.seq_len, vocab_size=vocab).blocks(first))
+        per_file = sum(1 for _ in Packer(tok, cfg.seq_len, vocab_size=vocab, holdout=source.holdout_side("train")).blocks(first))
         per_epoch = max(1, per_file * len(source.train))
     return int(min(cfg.max_epochs, math.ceil(1.25 * needed / per_epoch) + 1))
 
@@ -267,7 +277,7 @@ def place_workers(cfg: RunConfig, resources: dict[str, float]) -> Placement:
     return Placement(use_gpu, cpus_per_worker, threads)
 
 
-def build_trainer(cfg: RunConfig, place: Placement, runtime: dict[str, Any], callbacks: list[Any] | None) -> Any:
+def build_trainer(cfg: RunConfig, place: Placement, runtime: WorkerRuntime, callbacks: list[Any] | None) -> Any:
     """The TorchTrainer of a run: scaling (fixed or elastic) and failures. Checkpoints and data are not
     Ray Train's: rank 0 reads the stream and writes checkpoints (rso_ray.cluster.worker)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -318,96 +328,103 @@ def run(
     t0 = time.time()
     prep = prepared or prepare(cfg)
     folder = run_dir(cfg.storage_path, cfg.run_name)
-    info = read_json(f"{folder}/{RUN_INFO}") or {}
-    if info and (info.get("model"), info.get("optimizer")) != (cfg.model, cfg.optimizer):
-        raise ValueError(
-            f"run {cfg.run_name!r} in {cfg.storage_path} was a {info.get('model')} / {info.get('optimizer')} run; "
-            f"it cannot be resumed as {cfg.model} / {cfg.optimizer}: use another --run-name"
-        )
+    info = read_run_info(folder)
+    relaunch = check_relaunch(cfg, folder, info, prep.source.fingerprint())  # before Ray: refuse what cannot go on
     with RunLock(folder):  # one writer per run, taken before Ray starts
-        return _run_locked(cfg, prep, folder, info, t0, parent_run_id, callbacks)
+        outcome, run_id = _run_locked(cfg, prep, folder, info, relaunch, parent_run_id, callbacks)
+    summary = {
+        "run": cfg.run_name, "mlflow_run_id": run_id, "steps": outcome.step, "tokens": outcome.tokens,
+        "eval_loss": outcome.eval_loss, "train_wall_time_s": outcome.wall_time, "job_time_s": time.time() - t0,
+        "checkpoint": outcome.checkpoint, "consumed_blocks": outcome.consumed_blocks,
+    }
+    if cfg.export_hf != "none" and outcome.checkpoint:
+        from ..export import export_run
+
+        summary["export"] = export_run(cfg, outcome.checkpoint, run_id)
+    print_summary(cfg, summary)
+    return summary
 
 
-def _run_locked(cfg: RunConfig, prep: Prepared, folder: str, info: dict[str, Any], t0: float,
-                parent_run_id: str | None, callbacks: list[Any] | None) -> dict[str, Any]:
-    import uuid
-
-    import ray
-
+def _run_locked(cfg: RunConfig, prep: Prepared, folder: str, info: RunInfo | None, relaunch: Relaunch | None,
+                parent_run_id: str | None, callbacks: list[Any] | None) -> tuple[Outcome, str]:
+    """Start Ray and the MLflow run, train, and mark the MLflow run with how it ended. Returns rank 0's
+    outcome (finished) and the MLflow run id; raises for a run that did not finish."""
     from . import tracking
 
     resources, started_here = _init_ray(cfg.max_failures)
     place = place_workers(cfg, wait_for_workers(cfg, resources, started_here))
     run_id = tracking.start_run(
         cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,
-        run_id=info.get("mlflow_run_id"), parent_run_id=parent_run_id,
+        run_id=info.mlflow_run_id if info else None, parent_run_id=parent_run_id,
         tags={"rso_ray.model": cfg.model, "rso_ray.optimizer": cfg.optimizer},
     )
-    status, outcome = "FAILED", {}
+    status, outcome = "FAILED", None
     handlers = _signal_handlers()
     _SIGNALS.clear()
     try:
-        if not info:
-            write_json(f"{folder}/{RUN_INFO}", {"model": cfg.model, "optimizer": cfg.optimizer, "mlflow_run_id": run_id,
-                                               "data_fingerprint": prep.source.fingerprint(), "created": time.time()})
-        launch_id = uuid.uuid4().hex[:12]
-        runtime = {
-            "mlflow_tracking_uri": cfg.mlflow_tracking_uri, "mlflow_run_id": run_id, "vocab_size": prep.vocab_size,
-            "data_fingerprint": prep.source.fingerprint(), "run_dir": folder, "threads": place.threads,
-            "llama_1b_comm_ratio": prep.comm_ratio_llama_1b, "outcome": f"{folder}/{OUTCOME}",
-            "source": prep.source, "epochs": prep.epochs, "validation": ray.put(prep.validation),
-            "launch_id": launch_id,
-        }
-        write_json(runtime["outcome"], {"status": "running", "since": time.time(), "launch_id": launch_id})
-        print(
-            f"[rso_ray] run {cfg.run_name}: {cfg.model} with {cfg.optimizer}, data {prep.source.name} "
-            f"({len(prep.source.train)} train files), {'GPU' if place.use_gpu else 'CPU'} workers {cfg.workers_text()}; "
-            f"MLflow run {run_id} at {cfg.mlflow_tracking_uri}; checkpoints in {folder}",
-            flush=True,
-        )
-        build_trainer(cfg, place, runtime, callbacks).fit()
-        outcome = read_json(runtime["outcome"]) or {}
-        if outcome.get("launch_id") != launch_id or outcome.get("status") == "running":
-            raise RuntimeError(f"the workers ended without a result (see {folder}/{OUTCOME} and the Ray logs)")
-        status = "FINISHED" if outcome.get("status") == "finished" else "FAILED"
+        if info is None:
+            write_run_info(folder, RunInfo(cfg.model, cfg.optimizer, run_id, prep.source.fingerprint(), time.time(),
+                                           cfg.to_dict()))
+        if relaunch is not None:
+            print(f"[rso_ray] relaunch of run {cfg.run_name} {relaunch.describe()}", flush=True)
+            tracking.record_relaunch(cfg.mlflow_tracking_uri, run_id, relaunch.describe(),
+                                     {k: now for k, (_, now) in relaunch.changes.items()})
+        outcome = _fit(cfg, prep, folder, run_id, place, callbacks)
+        status = "FINISHED" if outcome.status == "finished" else "FAILED"
     except KeyboardInterrupt as err:
-        from ..training.checkpoint import latest_checkpoint
-
         status = "KILLED"
-        last = latest_checkpoint(folder)
-        where = f"its last complete checkpoint ({last})" if last else "the start (no checkpoint was complete)"
-        print(f"\n[rso_ray] interrupted: run {cfg.run_name} stopped and marked KILLED in MLflow; relaunch with "
-              f"--run-name {cfg.run_name} to resume from {where}", flush=True)
-        import signal
-
+        _say_interrupted(cfg, folder)
         raise Interrupted(_SIGNALS[-1] if _SIGNALS else signal.SIGINT) from err
     finally:
         _signal_handlers(handlers)
         tracking.finish_run(cfg.mlflow_tracking_uri, run_id, status)
-    if outcome.get("status") == "diverged":
-        raise TrainingDiverged(str(outcome.get("message")))
-    if outcome.get("status") == "data_error":
-        raise TrainingDataFailed(str(outcome.get("message")))
-    if outcome.get("status") == "checkpoint_error":
-        raise ValueError(str(outcome.get("message")))
-    summary = {
-        "run": cfg.run_name, "mlflow_run_id": run_id, "steps": outcome.get("step"), "tokens": outcome.get("tokens"),
-        "eval_loss": outcome.get("eval_loss"), "train_wall_time_s": outcome.get("wall_time"),
-        "job_time_s": time.time() - t0, "checkpoint": outcome.get("checkpoint"),
-        "consumed_blocks": outcome.get("consumed_blocks"),
-    }
-    if cfg.export_hf != "none" and summary["checkpoint"]:
-        from ..export import export_run
+    errors = {"diverged": TrainingDiverged, "data_error": TrainingDataFailed, "checkpoint_error": ValueError}
+    if outcome.status in errors:
+        raise errors[outcome.status](outcome.message)
+    return outcome, run_id
 
-        summary["export"] = export_run(cfg, summary["checkpoint"], run_id)
-    print_summary(cfg, summary)
-    return summary
+
+def _fit(cfg: RunConfig, prep: Prepared, folder: str, run_id: str, place: Placement,
+         callbacks: list[Any] | None) -> Outcome:
+    """One launch of the worker group (and its restarts); rank 0's outcome of the last attempt."""
+    import uuid
+
+    import ray
+
+    launch_id = uuid.uuid4().hex[:12]
+    runtime = WorkerRuntime(
+        run_dir=folder, launch_id=launch_id, mlflow_run_id=run_id, vocab_size=prep.vocab_size, source=prep.source,
+        data_fingerprint=prep.source.fingerprint(), epochs=prep.epochs, validation=ray.put(prep.validation),
+        threads=place.threads, llama_1b_comm_ratio=prep.comm_ratio_llama_1b,
+    )
+    write_outcome(runtime.outcome_uri, Outcome(status="running", launch_id=launch_id, since=time.time()))
+    print(
+        f"[rso_ray] run {cfg.run_name}: {cfg.model} with {cfg.optimizer}, data {prep.source.name} "
+        f"({len(prep.source.train)} train files), {'GPU' if place.use_gpu else 'CPU'} workers {cfg.workers_text()}; "
+        f"MLflow run {run_id} at {cfg.mlflow_tracking_uri}; checkpoints in {folder}",
+        flush=True,
+    )
+    print(f"[rso_ray] validation set: {len(prep.validation):,} blocks of {cfg.seq_len} tokens; "
+          f"{prep.source.describe_validation()}", flush=True)
+    build_trainer(cfg, place, runtime, callbacks).fit()
+    outcome = read_outcome(runtime.outcome_uri)
+    if outcome is None or outcome.launch_id != launch_id or outcome.status == "running":
+        raise RuntimeError(f"the workers ended without a result (see {runtime.outcome_uri} and the Ray logs)")
+    return outcome
+
+
+def _say_interrupted(cfg: RunConfig, folder: str) -> None:
+    from ..training.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(folder)
+    where = f"its last complete checkpoint ({last})" if last else "the start (no checkpoint was complete)"
+    print(f"\n[rso_ray] interrupted: run {cfg.run_name} stopped and marked KILLED in MLflow; relaunch with "
+          f"--run-name {cfg.run_name} to resume from {where}", flush=True)
 
 
 def _signal_handlers(restore: dict[int, Any] | None = None) -> dict[int, Any]:
     """The driver's SIGINT/SIGTERM handlers (to put back after fit(), which replaces them); with
     ``restore``, put those back. Only the main thread may touch them (a Tune trial runs in another)."""
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():

@@ -82,6 +82,20 @@ def start_run(
     return str(run.info.run_id)
 
 
+def record_relaunch(tracking_uri: str, run_id: str, description: str, changes: dict[str, Any]) -> int:
+    """A relaunch of the run, in its MLflow run: the tag ``rso_ray.relaunch_<k>`` says where and what changed,
+    and each changed option is a parameter ``relaunch_<k>.<option>`` (parameters are immutable: the first
+    launch's stay as they were). Returns k."""
+    from mlflow.entities import Param, RunTag
+
+    client = _client(tracking_uri)
+    k = int(client.get_run(run_id).data.tags.get("rso_ray.relaunches", "0")) + 1
+    tags = [RunTag("rso_ray.relaunches", str(k)), RunTag(f"rso_ray.relaunch_{k}", description[:PARAM_LIMIT])]
+    params = [Param(f"relaunch_{k}.{key}", str(value)[:PARAM_LIMIT]) for key, value in changes.items()]
+    client.log_batch(run_id, params=params, tags=tags)
+    return k
+
+
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run ended (FINISHED, FAILED or KILLED): the driver's last word on a job."""
     _client(tracking_uri).set_terminated(run_id, status=status)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# Recipes: facts.md section 4 for the paper's models (the papers' single lr: Algorithm 1 as published, not
+# Recipes: GaLore's pre-training recipe (Zhao et al. 2024), which the RSO paper follows, for the paper's models (the papers' single lr: Algorithm 1 as published, not
 # re-tuned here); small models tuned to finish quickly on a CPU. llama-tiny's lr and target_lr_scale are the
 # best of the real-text convergence benchmark (benchmarks/results/convergence_llama-tiny_r32.md, 1000 steps,
 # r/d = 1/4): every method at lr 1e-2 for embeddings, norms and lm_head, and a smaller step for the block

@@ -26,7 +26,7 @@ from .layer import sharded_rows
 
 @dataclass(kw_only=True)
 class GaLoreConfig:
-    """GaLore's hyper-parameters; defaults from the GaLore pre-training scripts (facts.md section 4)."""
+    """GaLore's hyper-parameters; defaults from the GaLore pre-training scripts (Zhao et al. 2024)."""
 
     rank: int = 128
     """Rank of the gradient projection."""

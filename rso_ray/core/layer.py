@@ -1,7 +1,8 @@
 """RSO linear layer: forward Z = Y (X + P B), backward that keeps only Y P and computes no weight gradient.
 
 In torch's layout a linear layer stores W = X^T (out x in = n x m), so the layer computes
-``Z = Y W_eff^T`` with ``W_eff = W + B^T P^T`` (n x m). The autograd path follows facts.md section 6:
+``Z = Y W_eff^T`` with ``W_eff = W + B^T P^T`` (n x m). The autograd path, per layer with s tokens (Adam's
+linear does 2smn forward and 4smn backward):
 
 - forward forms W_eff once (2mnr FLOPs, or a scaled column update for a coordinate P) and runs one
   GEMM ``Y W_eff^T``; computing ``Y W^T + (Y P) B`` instead would cost more than Adam from r = d/5;

@@ -1,5 +1,5 @@
 """Memory accounting: parameters, gradients, optimizer states and activations, measured on the real code
-path, plus the paper's estimates (facts.md section 2).
+path, plus the paper's estimates (its memory table: optimizer states, activations, gradients).
 
 Activations are the tensors autograd saves for backward, seen through
 ``torch.autograd.graph.saved_tensors_hooks`` and counted once per storage (q/k/v sharing Y P, a view of
@@ -186,7 +186,7 @@ def _loss(out: Any) -> torch.Tensor:
 
 
 def paper_estimates(*, hidden: int, batch: int, seq_len: int, rank: int) -> dict[str, dict[str, float]]:
-    """The paper's per-layer memory formulas (bytes, bf16; facts.md section 2), n = hidden size."""
+    """The paper's per-layer memory formulas (the paper's memory table; bytes, bf16), n = hidden size."""
     n, b, s, r = hidden, batch, seq_len, rank
     return {
         "rso": {"optimizer_states": 24 * n * r, "activations": 8 * b * s * n + 4 * b * s * r + 2 * b * s * s, "gradients": 12 * n * r},

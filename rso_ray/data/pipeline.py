@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from .packing import Packer
-from .records import CorruptRecordError, ReadStats
+from .records import CorruptRecordError, Holdout, ReadStats
 from .sources import DataSource
 
 Ranges = list[list[int]]  # sorted, disjoint [start, end) block ranges
@@ -95,6 +95,14 @@ class ConsumedBlocks:
     def to_json(self) -> dict[str, Any]:
         return {"ranges": self.ranges, "totals": self.totals, "done": sorted(self.done), "blocks": self.blocks}
 
+    # Stateful: the data position a checkpoint saves (state.json's "data") and restores.
+    def state_dict(self) -> dict[str, Any]:
+        return self.to_json()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        loaded = ConsumedBlocks.from_json(state)
+        self.ranges, self.totals, self.done, self.blocks = loaded.ranges, loaded.totals, loaded.done, loaded.blocks
+
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> ConsumedBlocks:
         if not data:
@@ -139,10 +147,12 @@ class TokenizePackUnits:
         *,
         blocks_per_batch: int = 256,
         on_bad_line: str = "skip",
+        holdout: Holdout | None = None,
     ):
         from .tokenizer import load_tokenizer
 
-        self.packer = Packer(load_tokenizer(tokenizer), seq_len, vocab_size=vocab_size, on_bad_line=on_bad_line)  # type: ignore[arg-type]
+        self.packer = Packer(load_tokenizer(tokenizer), seq_len, vocab_size=vocab_size, on_bad_line=on_bad_line,  # type: ignore[arg-type]
+                             holdout=holdout)
         self.blocks_per_batch = blocks_per_batch
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
@@ -184,9 +194,34 @@ class TokenizePackUnits:
             "unit": np.array([unit] * n),
             "block": np.asarray([i for i, _ in kept], dtype=np.int64),
             "last": last,
-            "skipped_lines": np.full(n, stats.skipped, dtype=np.int64),  # bad lines of the unit so far
-            "notes": notes,  # new "file:line: why" examples of skipped lines, JSON, on the batch's first row
+            "skipped_lines": np.full(n, stats.skipped, dtype=np.int64),
+            "notes": notes,
         }
+
+
+@dataclass
+class PackedRow:
+    """One row of the training stream, as :meth:`TokenizePackUnits._batch` writes it (the columns of a
+    batch are these fields); :func:`packed_rows` reads a batch back into rows."""
+
+    input_ids: np.ndarray
+    """(seq_len,) int32 token ids of the block."""
+    unit: str
+    """The unit (file and epoch, e.g. ``e0/f17``) the block comes from."""
+    block: int
+    """The block's index in its unit; -1 marks a unit that yields no block."""
+    last: bool
+    """Whether it is the unit's last block (the reader learns the unit's size)."""
+    skipped_lines: int
+    """Bad lines of the unit skipped so far."""
+    notes: str
+    """JSON list of new "file:line: why" examples of skipped lines (on a batch's first row), or ""."""
+
+
+def packed_rows(batch: dict[str, np.ndarray]) -> Iterator[PackedRow]:
+    columns = [batch[f.name] for f in fields(PackedRow)]
+    for ids, unit, block, last, skipped, notes in zip(*columns, strict=True):
+        yield PackedRow(ids, str(unit), int(block), bool(last), int(skipped), str(notes or ""))
 
 
 class TrainingDataError(RuntimeError):
@@ -249,7 +284,7 @@ def build_train_dataset(
     return ds.map_batches(
         TokenizePackUnits,
         fn_constructor_args=(tokenizer, seq_len, vocab_size),
-        fn_constructor_kwargs={"on_bad_line": on_bad_line},
+        fn_constructor_kwargs={"on_bad_line": on_bad_line, "holdout": source.holdout_side("train")},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=data_cpus,
@@ -260,15 +295,19 @@ def validation_blocks(
     source: DataSource, *, tokenizer: str, seq_len: int, vocab_size: int, max_tokens: int, on_bad_line: str = "skip"
 ) -> np.ndarray:
     """The fixed validation set: the first ``max_tokens // seq_len`` packed blocks of the validation files
-    (in name order), materialized once on the driver and shared by every worker and every evaluation."""
-    fn = TokenizePackUnits(tokenizer, seq_len, vocab_size, on_bad_line=on_bad_line)
+    (in name order), or of the documents held out of the training files when there are none;
+    materialized once on the driver and shared by every worker and every evaluation."""
+    fn = TokenizePackUnits(tokenizer, seq_len, vocab_size, on_bad_line=on_bad_line,
+                           holdout=source.holdout_side("validation"))
     want = max(1, max_tokens // seq_len)
     got: list[np.ndarray] = []
-    for i, path in enumerate(source.validation):
+    for i, path in enumerate(source.validation_files()):
         for batch in fn({"unit": [f"val/f{i}"], "path": [path], "skip": ["[]"]}):
             got.extend(batch["input_ids"])
             if len(got) >= want:
                 return np.stack(got[:want])
     if not got:
-        raise ValueError(f"the validation files yield no block of {seq_len} tokens: {list(source.validation)[:3]}")
+        what = (f"the {source.holdout:.0%} of training documents held out" if source.holdout
+                else "the validation files")
+        raise ValueError(f"{what} yield no block of {seq_len} tokens: {list(source.validation_files())[:3]}")
     return np.stack(got)

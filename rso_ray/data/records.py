@@ -9,6 +9,7 @@ line is either skipped and counted or an error naming the file and line, as the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -48,6 +49,23 @@ class ReadStats:
             self.examples.append(f"{where}: {why}")
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """Documents held out of the training files to serve as the validation set, for data that has no
+    validation files: a document is held out when the SHA-256 of its text falls in the lowest ``fraction``
+    of the hash range. So the same documents are held out on every launch and machine, whatever the file
+    order, and a document repeated in the data is held out everywhere or nowhere."""
+
+    fraction: float
+    side: Literal["train", "validation"]
+    """Which documents a reader keeps: the training side skips the held-out ones, the validation side
+    reads only them."""
+
+    def keeps(self, text: str) -> bool:
+        held = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") < self.fraction * 2**64
+        return held == (self.side == "validation")
+
+
 def parse_record(line: str | bytes, *, path: str, lineno: int) -> dict[str, Any]:
     """One C4 record; raises CorruptRecordError naming ``path`` and ``lineno`` when it is not one."""
     try:
@@ -66,9 +84,11 @@ def iter_records(
     *,
     on_bad_line: OnBadLine = "skip",
     stats: ReadStats | None = None,
+    holdout: Holdout | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Records of the given files in order. Blank lines are ignored; corrupt ones are skipped and counted
-    in ``stats`` (``on_bad_line="skip"``) or raise :class:`CorruptRecordError`."""
+    in ``stats`` (``on_bad_line="skip"``) or raise :class:`CorruptRecordError`. ``holdout`` keeps one side
+    of a held-out split."""
     stats = stats if stats is not None else ReadStats()
     for p in paths:
         path = os.fspath(p)
@@ -104,6 +124,8 @@ def iter_records(
                     if on_bad_line == "error":
                         raise
                     stats.note_skip(f"{path}:{lineno}", err.reason)
+                    continue
+                if holdout is not None and not holdout.keeps(rec["text"]):
                     continue
                 stats.records += 1
                 yield rec

@@ -1,4 +1,4 @@
-"""Model registry: the LLaMA sizes of the GaLore/RSO papers (facts.md section 3), three small ones for
+"""Model registry: the LLaMA sizes of the GaLore/RSO papers (GaLore's configs/llama_*.json, which RSO uses), three small ones for
 laptops, tests and CPU benchmarks, and any Hugging Face causal LM by config (``hf:<hub id or local path>``).
 
     python -c "from rso_ray.models import build_model; m = build_model('llama-tiny', vocab_size=8192); print(m)"

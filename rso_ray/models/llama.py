@@ -22,7 +22,7 @@ from ..core.ops import chunked_cross_entropy, rms_norm, swiglu
 
 @dataclass(kw_only=True)
 class LlamaConfig:
-    """Architecture of a LLaMA decoder (the GaLore/RSO pre-training configs, facts.md section 3)."""
+    """Architecture of a LLaMA decoder (the GaLore/RSO pre-training configs)."""
 
     hidden_size: int
     """Model width d (embedding and residual stream)."""

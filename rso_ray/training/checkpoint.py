@@ -140,7 +140,18 @@ def read_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     state = storage.read_json(storage.join(d, STATE_FILE))
     if state is None:
         raise FileNotFoundError(f"{d} is not a complete checkpoint: {STATE_FILE} is unreadable")
-    return state
+    return state if "progress" in state or "tokens" not in state else _from_flat(state)
+
+
+_FLAT_RUN_KEYS = ("world_size", "parallelism", "mlflow_run_id", "data_fingerprint", "config")
+
+
+def _from_flat(state: dict[str, Any]) -> dict[str, Any]:
+    """state.json of rso_ray before the loop's parts (one flat mapping) in today's layout."""
+    progress = {k: state.get(k) for k in ("step", "tokens", "wall_time", "merges", "nonfinite_total", "last_eval")}
+    out = {k: v for k, v in state.items() if k not in (*progress, *_FLAT_RUN_KEYS, "data") or k == "step"}
+    return out | {"progress": progress, "data": (state.get("data") or {}).get("consumed") or {},
+                  "run": {k: state[k] for k in _FLAT_RUN_KEYS if k in state}}
 
 
 def verify(folder: str | os.PathLike[str]) -> list[str]:

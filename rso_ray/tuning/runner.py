@@ -68,19 +68,16 @@ def check_cluster_fits(spec: SweepSpec, base: RunConfig, resources: dict[str, fl
 
 def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from ..cluster import tracking
     from ..cluster.driver import QUIET_ENV
+    from ..cluster.ray_console import install_log_filter
 
     base = spec.base_config()
     tracking_uri = spec.mlflow.get("tracking_uri") or base.mlflow_tracking_uri
     experiment = spec.mlflow.get("experiment") or "rso_ray_sweeps"
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", runtime_env={"env_vars": QUIET_ENV})
-    from ..cluster.ray_console import install_log_filter
-
     install_log_filter(lambda text: print(f"[rso_ray.tune] {text}", flush=True))
     check_cluster_fits(spec, base, ray.cluster_resources())
 
@@ -89,26 +86,7 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
     tracker.log_params({"sweep_file": spec.path, "num_trials": spec.trial_count(), "metric": spec.metric,
                         "mode": spec.mode, **{f"space.{d.key}": f"{d.kind} {d.args}" for d in spec.space},
                         **{f"base.{k}": v for k, v in spec.base.items()}})
-    max_t = spec.scheduler.get("max_t") or base.steps
-    if spec.scheduler["type"] == "asha":
-        scheduler: Any = ASHAScheduler(
-            time_attr="step", max_t=max_t, reduction_factor=spec.scheduler.get("reduction_factor", 2),
-            grace_period=spec.scheduler.get("grace_period") or base.eval_every or 1,
-        )
-    else:
-        scheduler = FIFOScheduler()
-    trainable = tune.with_parameters(_trial, spec=spec, parent_run_id=parent, tracking_uri=tracking_uri, experiment=experiment)
-    # The trial function only drives a TorchTrainer, whose workers hold the real resources.
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    tuner = tune.Tuner(
-        trainable,
-        param_space={d.key: d.to_tune() for d in spec.space},
-        tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples, scheduler=scheduler,
-            max_concurrent_trials=spec.resources.get("max_concurrent_trials"),
-        ),
-        run_config=tune.RunConfig(name=spec.name, storage_path=_tune_storage(spec.storage_path), verbose=1),
-    )
+    tuner = _tuner(spec, base, parent, tracking_uri, experiment)
     print(f"[rso_ray.tune] sweep {spec.name}: {spec.trial_count()} trial(s) of {base.model} / {base.optimizer}, "
           f"{spec.scheduler['type']} on {spec.metric} ({spec.mode}); MLflow parent run {parent} at {tracking_uri}", flush=True)
     t0 = time.time()
@@ -120,7 +98,41 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
         tracker.finish(status)
     outcomes = _outcomes(grid, spec)
     _close_children(outcomes, tracking_uri)
-    report = _report(spec, outcomes, time.time() - t0)
+    _publish_results(spec, outcomes, tracker, time.time() - t0)
+    return outcomes
+
+
+def _tuner(spec: SweepSpec, base: RunConfig, parent: str, tracking_uri: str, experiment: str) -> Any:
+    """The Tuner of a sweep: one trial per sampled config, each a full training job, under the scheduler."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler["type"] == "asha":
+        scheduler: Any = ASHAScheduler(
+            time_attr="step", max_t=spec.scheduler.get("max_t") or base.steps,
+            reduction_factor=spec.scheduler.get("reduction_factor", 2),
+            grace_period=spec.scheduler.get("grace_period") or base.eval_every or 1,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    trainable = tune.with_parameters(_trial, spec=spec, parent_run_id=parent, tracking_uri=tracking_uri, experiment=experiment)
+    # The trial function only drives a TorchTrainer, whose workers hold the real resources.
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    return tune.Tuner(
+        trainable,
+        param_space={d.key: d.to_tune() for d in spec.space},
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples, scheduler=scheduler,
+            max_concurrent_trials=spec.resources.get("max_concurrent_trials"),
+        ),
+        run_config=tune.RunConfig(name=spec.name, storage_path=_tune_storage(spec.storage_path), verbose=1),
+    )
+
+
+def _publish_results(spec: SweepSpec, outcomes: list[TrialOutcome], tracker: Any, seconds: float) -> None:
+    """The results table, plot and best config: printed, logged to the parent MLflow run, written to
+    ``spec.output``."""
+    report = _report(spec, outcomes, seconds)
     print("\n" + report, flush=True)
     best = _best(spec, outcomes)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,8 +142,7 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
         if plot:
             tracker.log_artifact(str(plot))
             if spec.output:
-                out_plot = Path(spec.output).with_suffix(".png")
-                out_plot.write_bytes(plot.read_bytes())
+                Path(spec.output).with_suffix(".png").write_bytes(plot.read_bytes())
         if best is not None:
             best_yaml = Path(tmp) / "best_config.yaml"
             _write_best(spec, best, best_yaml)
@@ -143,7 +154,6 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
     if best is not None and best.metric is not None:
         tracker.log_metrics({f"best/{spec.metric}": best.metric}, step=0)
         tracker.set_tags({f"best.{k}": str(v) for k, v in best.values.items()})
-    return outcomes
 
 
 def _tune_storage(storage_path: str) -> str:

@@ -25,6 +25,7 @@ Schema (every key but ``search_space`` optional)::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,9 @@ def _key_lines(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...],
     return out
 
 
+Fail = Callable[[tuple[str, ...], str], SweepError]
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file. Raises SweepError naming the key and line of the first problem."""
     p = Path(path)
@@ -142,16 +146,26 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not isinstance(raw, dict):
         raise SweepError(f"{p}: the top level must be a mapping with at least 'search_space'")
 
-    def where(*keys: str) -> str:
-        line = lines.get(tuple(keys))
-        return f"{p}, line {line}" if line else str(p)
-
     def fail(keys: tuple[str, ...], message: str) -> SweepError:
-        return SweepError(f"{where(*keys)}: {'.'.join(keys)}: {message}")
+        line = lines.get(tuple(keys))
+        return SweepError(f"{p}, line {line}: {'.'.join(keys)}: {message}" if line else f"{p}: {'.'.join(keys)}: {message}")
 
     for key in raw:
         if key not in TOP_KEYS:
             raise fail((str(key),), f"unknown key; allowed: {', '.join(TOP_KEYS)}")
+    base = _base(raw, fail)
+    metric, mode, num_samples = _objective(raw, fail)
+    spec = SweepSpec(
+        path=str(p), name=str(raw.get("name") or p.stem), base=base, space=_space(raw, base, fail), metric=metric,
+        mode=mode, num_samples=num_samples, scheduler=_scheduler(raw, fail), resources=_resources(raw, fail),
+        storage_path=absolute_storage(str(raw.get("storage_path") or "rso_runs")),
+        mlflow=_section(raw, "mlflow", MLFLOW_KEYS, fail), output=raw.get("output"), lines=lines,
+    )
+    _check_values(spec, fail)
+    return spec
+
+
+def _base(raw: dict[str, Any], fail: Fail) -> dict[str, Any]:
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise fail(("base",), "must be a mapping of training options")
@@ -160,6 +174,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if key in TRIAL_OWNED:
             hint = "set it under resources:" if key in RESOURCE_KEYS else "the sweep sets it for every trial"
             raise fail(("base", key), f"is not allowed in base ({hint})")
+    return base
+
+
+def _space(raw: dict[str, Any], base: dict[str, Any], fail: Fail) -> list[Dimension]:
     space_raw = raw.get("search_space")
     if not isinstance(space_raw, dict) or not space_raw:
         raise fail(("search_space",), "must map at least one training option to a distribution")
@@ -177,7 +195,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if kind not in DISTRIBUTIONS:
             raise fail(keys, f"unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
         space.append(_dimension(k, str(kind), args, lambda msg, keys=keys: fail(keys, msg)))
+    return space
 
+
+def _objective(raw: dict[str, Any], fail: Fail) -> tuple[str, str, int]:
     metric = raw.get("metric", "eval_loss")
     if metric not in METRICS:
         raise fail(("metric",), f"must be one of {', '.join(METRICS)}; got {metric!r}")
@@ -187,10 +208,21 @@ def load_sweep(path: str | Path) -> SweepSpec:
     num_samples = raw.get("num_samples", 1)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise fail(("num_samples",), f"must be an integer >= 1; got {num_samples!r}")
-    scheduler = dict(raw.get("scheduler") or {"type": "asha"})
-    for key in scheduler:
-        if key not in SCHEDULER_KEYS:
-            raise fail(("scheduler", str(key)), f"unknown key; allowed: {', '.join(SCHEDULER_KEYS)}")
+    return metric, mode, num_samples
+
+
+def _section(raw: dict[str, Any], name: str, allowed: tuple[str, ...], fail: Fail) -> dict[str, Any]:
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise fail((name,), f"must be a mapping with keys among {', '.join(allowed)}")
+    for key in section:
+        if key not in allowed:
+            raise fail((name, str(key)), f"unknown key; allowed: {', '.join(allowed)}")
+    return dict(section)
+
+
+def _scheduler(raw: dict[str, Any], fail: Fail) -> dict[str, Any]:
+    scheduler = _section(raw, "scheduler", SCHEDULER_KEYS, fail) or {"type": "asha"}
     scheduler.setdefault("type", "asha")
     if scheduler["type"] not in ("asha", "fifo"):
         raise fail(("scheduler", "type"), f"must be asha or fifo; got {scheduler['type']!r}")
@@ -201,25 +233,15 @@ def load_sweep(path: str | Path) -> SweepSpec:
         v = scheduler.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise fail(("scheduler", key), f"must be a positive integer (steps); got {v!r}")
-    resources = dict(raw.get("resources") or {})
-    for key in resources:
-        if key not in RESOURCE_KEYS:
-            raise fail(("resources", str(key)), f"unknown key; allowed: {', '.join(RESOURCE_KEYS)}")
+    return scheduler
+
+
+def _resources(raw: dict[str, Any], fail: Fail) -> dict[str, Any]:
+    resources = _section(raw, "resources", RESOURCE_KEYS, fail)
     mct = resources.get("max_concurrent_trials")
     if mct is not None and (not isinstance(mct, int) or isinstance(mct, bool) or mct < 1):
         raise fail(("resources", "max_concurrent_trials"), f"must be an integer >= 1; got {mct!r}")
-    mlflow = dict(raw.get("mlflow") or {})
-    for key in mlflow:
-        if key not in MLFLOW_KEYS:
-            raise fail(("mlflow", str(key)), f"unknown key; allowed: {', '.join(MLFLOW_KEYS)}")
-    spec = SweepSpec(
-        path=str(p), name=str(raw.get("name") or p.stem), base=base, space=space, metric=metric, mode=mode,
-        num_samples=num_samples, scheduler=scheduler, resources=resources,
-        storage_path=absolute_storage(str(raw.get("storage_path") or "rso_runs")), mlflow=mlflow,
-        output=raw.get("output"), lines=lines,
-    )
-    _check_values(spec, fail)
-    return spec
+    return resources
 
 
 def absolute_storage(path: str) -> str:

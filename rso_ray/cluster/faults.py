@@ -1,0 +1,41 @@
+"""Fault injection for the tests (the hidden --fault-plan option): worker RANK is killed with SIGKILL at
+STEP, at one POINT of the loop, once per run (a marker file in the run folder remembers what fired, across
+the restarts it causes).
+
+    python -m rso_ray.train --fault-plan 10:1:step     # worker 1 dies after step 10, once
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from ..training import storage
+
+
+class FaultPlan:
+    """The planned faults of one worker."""
+
+    def __init__(self, faults: tuple[tuple[int, int, str], ...], *, rank: int, run_dir: str):
+        self.faults = list(faults)
+        self.rank = rank
+        self.run_dir = run_dir
+
+    def due(self, step: int, point: str) -> bool:
+        """Whether a fault of this worker fires at ``step`` and ``point`` now (and remember that it did)."""
+        for i, (at, rank, where) in enumerate(self.faults):
+            if (at, rank, where) == (step, self.rank, point):
+                marker = storage.join(self.run_dir, f".fault_{i}_{at}_{rank}_{where}")
+                if storage.read_json(marker) is None:
+                    storage.write_json(marker, {"fired": time.time()})
+                    return True
+        return False
+
+    def fire(self, step: int, point: str) -> None:
+        print(f"[rso_ray] fault injection: worker {self.rank} is killed ({point}, step {step})", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def maybe_fire(self, step: int, point: str) -> None:
+        if self.due(step, point):
+            self.fire(step, point)

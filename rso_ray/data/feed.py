@@ -1,0 +1,104 @@
+"""Rank 0's reader of the training stream: global batches of blocks in stream order, and the data position.
+
+The stream (rso_ray.data.pipeline) is rebuilt from the saved position at every worker-group start, so the
+reader only skips blocks a record newer than the stream's already holds. It owns the position: ``consumed``
+(a :class:`ConsumedBlocks`) is what checkpoints save; a batch is committed to it once it was trained on.
+It reads the stream's rows through :func:`packed_rows`, the format's declaration beside its writer.
+
+    python -c "from rso_ray.data.feed import DataFeed; help(DataFeed.take)"
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .pipeline import ConsumedBlocks, PackedRow, TrainingDataError, find_corrupt_record, packed_rows
+
+
+@dataclass
+class Rows:
+    """One global batch as read: the blocks' ids and where each block comes from."""
+
+    ids: np.ndarray
+    """(G, seq_len) int32 token ids."""
+    units: list[str]
+    blocks: list[int]
+    last: list[bool]
+
+
+class DataFeed:
+    """Global batches of the stream's blocks (rows of ``batches``), minus blocks already consumed."""
+
+    def __init__(self, batches: Iterable[dict[str, np.ndarray]], consumed: ConsumedBlocks, files: int):
+        self.iterator: Iterator[dict[str, np.ndarray]] = iter(batches)
+        self.consumed = consumed
+        self.files = files  # units per epoch: a whole epoch without a block means there is no data
+        self.buffer: list[PackedRow] = []
+        self.skipped_lines: dict[str, int] = {}
+        self.empty_units: list[str] = []
+        self.notes: list[str] = []  # new bad-line examples and empty files, for rank 0 to print
+        self.notes_seen: list[str] = []  # every bad-line example (the first few per file)
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, consumed: ConsumedBlocks, *, batch_rows: int, files: int) -> DataFeed:
+        """A feed over a Ray Dataset of packed blocks (read ahead by two batches)."""
+        return cls(dataset.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2), consumed, files)
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            if self.consumed.blocks + len(self.buffer) == 0:
+                self._no_data()
+            raise TrainingDataError(
+                "the training data ran out before the last step: raise --max-epochs or lower --steps"
+            ) from None
+        except Exception as err:
+            bad = find_corrupt_record(err)
+            if bad is None:
+                raise  # not the data's fault: a restart may help
+            # The fields, not str(err): Ray's wrapper of the actor's error prints a whole traceback.
+            raise TrainingDataError(f"{bad.path}, line {bad.line}: {bad.reason} (--on-bad-line error)") from None
+
+    def _no_data(self) -> None:
+        skipped = sum(self.skipped_lines.values())
+        examples = "; ".join(n.removeprefix("skipped a bad line: ") for n in self.notes_seen[:3])
+        raise TrainingDataError(
+            f"the training files yield no data: {len(self.empty_units)} of {self.files} file(s) read without a "
+            f"single block, {skipped} bad line(s) skipped" + (f" (e.g. {examples})" if examples else "")
+        )
+
+    def _accept(self, row: PackedRow) -> None:
+        self.skipped_lines[row.unit] = max(self.skipped_lines.get(row.unit, 0), row.skipped_lines)
+        if row.notes:
+            new = [f"skipped a bad line: {where}" for where in json.loads(row.notes)]
+            self.notes += new
+            self.notes_seen += new
+        if row.block < 0:  # the marker row of a file without a single block
+            if row.unit not in self.consumed.done:
+                self.consumed.add_empty(row.unit)
+                self.empty_units.append(row.unit)
+                self.notes.append(f"training unit {row.unit} yields no block ({row.skipped_lines} bad line(s))")
+                if len(self.empty_units) >= self.files and self.consumed.blocks + len(self.buffer) == 0:
+                    self._no_data()  # a whole epoch and not one block: the next would be the same
+        elif not self.consumed.contains(row.unit, row.block):
+            self.buffer.append(row)
+
+    def take(self, n: int) -> Rows:
+        """The next ``n`` blocks of the stream (not yet committed)."""
+        while len(self.buffer) < n:
+            for row in packed_rows(self._next_batch()):
+                self._accept(row)
+        rows, self.buffer = self.buffer[:n], self.buffer[n:]
+        return Rows(np.stack([r.input_ids for r in rows]), [r.unit for r in rows], [r.block for r in rows],
+                    [r.last for r in rows])
+
+    def commit(self, rows: Rows) -> None:
+        """``rows`` were trained on (or skipped as non-finite): consumed either way."""
+        for unit, block, last in zip(rows.units, rows.blocks, rows.last, strict=True):
+            self.consumed.add(unit, block, last)
