@@ -9,7 +9,17 @@ Options are listed by --help; a --config YAML/JSON file gives defaults that the 
 
 from __future__ import annotations
 
-from .cluster.driver import main
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        from .cluster.driver import main as train_main  # torch, Ray and MLflow load here: seconds
+    except KeyboardInterrupt:  # Ctrl-C while the libraries load: no traceback from inside an import
+        print("\n[rso_ray] interrupted while starting: nothing was trained", file=sys.stderr)
+        return 130
+    return train_main(argv)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -197,3 +197,37 @@ def test_algorithm_1_is_one_option_away() -> None:
 def test_algorithm_1_rejects_what_contradicts_it(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_config(argv)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("rank: 32\nlr: 0.01\nrank: 64\n", r"run\.yaml, line 3: key 'rank' is given twice \(first on line 1\)"),
+    ("resample-every: 10\nresample_every: 20\n", r"run\.yaml, line 2: 'resample_every' gives option resample_every a second time"),
+    ("fault_plan: '3:0:step'\n", r"run\.yaml, line 1: unknown key 'fault_plan'"),
+    ("nan-loss-from-step: 3\n", r"run\.yaml, line 1: unknown key 'nan-loss-from-step'"),
+])
+def test_config_files_refuse_repeated_keys_and_the_test_options(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "run.yaml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        load_config_file(f)
+    assert "fault_plan" not in str(err.value).split("known keys:")[-1]  # hidden options are not offered
+
+
+def test_a_json_config_file_refuses_a_repeated_key(tmp_path: Path) -> None:
+    f = tmp_path / "run.json"
+    f.write_text('{"rank": 32, "rank": 64}')
+    with pytest.raises(ValueError, match=r"run\.json: key 'rank' is given twice"):
+        load_config_file(f)
+
+
+def test_a_config_file_takes_yaml_booleans_for_word_options(tmp_path: Path) -> None:
+    """use_gpu: true in YAML is the boolean True; it means what --use-gpu true means."""
+    f = tmp_path / "run.yaml"
+    f.write_text("use_gpu: true\nactivation_checkpointing: yes\n")
+    cfg, _ = parse_config(["--config", str(f)])
+    assert (cfg.use_gpu, cfg.activation_checkpointing) == ("true", True)
+    f.write_text("use_gpu: false\n")
+    assert parse_config(["--config", str(f)])[0].use_gpu == "false"
+    f.write_text("export_hf: true\n")
+    with pytest.raises(ValueError, match="--export-hf must be one of none, folder, mlflow; got 'true'"):
+        parse_config(["--config", str(f)])

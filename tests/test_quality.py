@@ -57,3 +57,13 @@ def test_no_function_of_the_package_is_over_60_lines(tmp_path: Path) -> None:
     long = tmp_path / "long.py"  # the check itself finds a function of 61 lines, not one of 60
     long.write_text("def f():\n" + "    x = 1\n" * 60 + "\n\ndef g():\n" + "    x = 1\n" * 59)
     assert long_functions([long]) == ["long.py:1 f (61 lines)"]
+
+
+def test_every_relative_link_of_the_docs_resolves() -> None:
+    """README.md and docs/*.md link to files that exist (a moved file breaks no link silently)."""
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken

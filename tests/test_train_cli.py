@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,82 @@ def test_print_config_and_help() -> None:
     assert "rank: 128" in out and "steps: 10000" in out and "global_batch_size: 512" in out
     help_text = subprocess.run([sys.executable, "-m", "rso_ray.train", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--resample-every" in help_text and "min:max" in help_text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seq-len", "100000"], r"--seq-len 100000 is longer than the 1024 positions llama-micro has"),
+    (["--rank", "100000"], r"rank 100000 is larger than the input dimension"),
+    (["--target-modules", "query"], r"no module matches target_modules=\['query'\]"),
+    (["--inner-optimizer", "lion"], r"--inner-optimizer: unknown inner optimizer 'lion'"),
+])
+def test_a_refused_launch_leaves_no_folder_behind(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
+                                                 message: str) -> None:
+    """Bad options fail before Ray starts, naming the option, and create neither the storage folder nor
+    an MLflow store."""
+    storage = tmp_path / "runs"
+    code = main(["--model", "llama-micro", "--storage-path", str(storage),
+                 "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", *argv])
+    assert code == 2 and re.search(message, capsys.readouterr().err)
+    assert not storage.exists() and not (tmp_path / "m.db").exists()
+
+
+def test_an_empty_data_folder_leaves_no_folder_behind(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    code = main(["--model", "llama-micro", "--storage-path", str(tmp_path / "runs"), "--data", str(tmp_path / "empty")])
+    assert code == 2 and "holds no train files" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("eval_tokens", "note"), [
+    (10, "--eval-tokens 10 is less than one block: one block of 256 tokens is evaluated"),
+    (1000, "--eval-tokens 1,000 rounded down to 3 whole blocks (768 tokens)"),
+    (10**12, "asks for 3,906,250,000 blocks; the validation data holds "),
+    (512, ""),
+])
+def test_the_validation_set_says_how_eval_tokens_was_rounded(tmp_path: Path, eval_tokens: int, note: str) -> None:
+    from rso_ray.cluster.driver import prepare
+    from rso_ray.config import parse_config
+
+    cfg, _ = parse_config(["--model", "llama-micro", "--eval-tokens", str(eval_tokens), "--storage-path", str(tmp_path)])
+    prep = prepare(cfg)
+    assert len(prep.validation) == min(max(1, eval_tokens // 256), 10**4) or eval_tokens == 10**12
+    assert note in prep.validation_note and bool(note) == bool(prep.validation_note)
+
+
+def test_ctrl_c_while_the_libraries_load_says_so_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C in the first seconds lands in an import (torch, Ray): rso_ray.train's main catches it."""
+    import builtins
+
+    import rso_ray.train as entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name.endswith("cluster.driver"):
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)  # an import statement calls it even when cached
+    assert entry.main(["--model", "llama-micro"]) == 130
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert capsys.readouterr().err.strip() == "[rso_ray] interrupted while starting: nothing was trained"
+
+
+@pytest.mark.parametrize(("where", "said"), [
+    ("prepare", "interrupted while checking the options and the data: nothing was trained"),
+    ("run", "interrupted before training started: nothing was trained; relaunching with --run-name r starts run r again"),
+])
+def test_ctrl_c_before_training_exits_130_with_a_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                         tmp_path: Path, where: str, said: str) -> None:
+    """Ctrl-C while the data is checked, or while Ray or MLflow start (ray.init raises KeyboardInterrupt)."""
+    from rso_ray.cluster import driver
+
+    def interrupt(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, where, interrupt)
+    if where == "run":
+        monkeypatch.setattr(driver, "prepare", lambda cfg: None)
+    assert main(["--model", "llama-micro", "--run-name", "r", "--storage-path", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == f"[rso_ray] {said}"

@@ -67,6 +67,8 @@ def test_good_sweep(tmp_path: Path) -> None:
         (("num_samples: 2", "num_samples: 2\nscheduler: {type: hyperband}"), r"line 10: scheduler\.type: must be asha or fifo"),
         (("num_samples: 2", "num_samples: 2\nscheduler: {type: asha, max_t: 100}"), r"scheduler\.max_t: 100 is more than the trials' 24 steps"),
         (("num_samples: 2", "num_samples: 2\nmetric: accuracy"), r"line 10: metric: must be one of eval_loss, tokens, wall_time"),
+        (("num_samples: 2", "num_samples: 2\nmetric: eval_loss\nmode: max"), r"line 11: mode: eval_loss is better when it is lower: mode must be min, got max"),
+        (("num_samples: 2", "num_samples: 2\nscheduler: {type: asha, grace_period: 500}"), r"scheduler\.grace_period: 500 is more than the trials' 24 steps"),
         (("num_samples: 2", "num_samples: 0"), r"num_samples: must be an integer >= 1"),
     ],
 )

@@ -8,6 +8,7 @@ MLflow run and the data, run a Ray Train TorchTrainer, and print a summary.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -109,6 +110,8 @@ class Prepared:
     comm_ratio_llama_1b: float
     epochs: int
     """Epochs of units in the train stream: enough for the token budget (with a margin), at most --max-epochs."""
+    validation_note: str = ""
+    """How --eval-tokens was rounded to the validation set's whole blocks, said at start ("" if not at all)."""
 
 
 def resolve_vocab(cfg: RunConfig, tokenizer_len: int) -> int:
@@ -126,19 +129,24 @@ def resolve_vocab(cfg: RunConfig, tokenizer_len: int) -> int:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Every check that needs no cluster: model and rank (traced on the meta device), tokenizer (offline
-    load), data files, and the fixed validation set. Raises ValueError/FileNotFoundError with the cause."""
+    """Every check that needs no cluster: model, rank and sequence length (traced on the meta device),
+    tokenizer (offline load), data files, the fixed validation set, and last the storage path (so that a
+    refused launch leaves no folder behind). Raises ValueError/FileNotFoundError with the cause."""
     from ..core.methods import build_method
     from ..data.tokenizer import load_tokenizer
     from ..models import build_model
     from ..training.comm import gradient_bytes_ratio
 
-    check_writable(cfg.storage_path)
     if cfg.init_from:
         _init_from_config(cfg)  # first: the model and the tokenizer may come from that folder
     tok = load_tokenizer(cfg.tokenizer)
     vocab = resolve_vocab(cfg, len(tok))
     model = build_model(cfg.model, vocab_size=vocab, device="meta")
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and cfg.seq_len > positions:
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the {positions} positions {cfg.model} has "
+                         f"(max_position_embeddings): use --seq-len {positions} or less")
     if cfg.init_from:
         check_init_from(cfg, model)
     build_method(model, cfg.method)  # rank vs layer sizes, targets, inner optimizer
@@ -148,7 +156,22 @@ def prepare(cfg: RunConfig) -> Prepared:
         on_bad_line=cfg.on_bad_line,
     )
     ratio = gradient_bytes_ratio("llama-1b", 512)["ratio"]
-    return Prepared(cfg, source, vocab, len(tok), val, ratio, epochs_needed(cfg, source, tok, vocab))
+    epochs = epochs_needed(cfg, source, tok, vocab)
+    check_writable(cfg.storage_path)
+    return Prepared(cfg, source, vocab, len(tok), val, ratio, epochs, validation_note(cfg, len(val)))
+
+
+def validation_note(cfg: RunConfig, blocks: int) -> str:
+    """How --eval-tokens became whole blocks of the validation data ("" when it is a whole number of them)."""
+    wanted = max(1, cfg.eval_tokens // cfg.seq_len)
+    if cfg.eval_tokens < cfg.seq_len:
+        return f"--eval-tokens {cfg.eval_tokens:,} is less than one block: one block of {cfg.seq_len} tokens is evaluated"
+    if blocks < wanted:
+        return (f"--eval-tokens {cfg.eval_tokens:,} asks for {wanted:,} blocks; the validation data holds "
+                f"{blocks:,}: all of them are evaluated")
+    if cfg.eval_tokens % cfg.seq_len:
+        return f"--eval-tokens {cfg.eval_tokens:,} rounded down to {blocks:,} whole blocks ({blocks * cfg.seq_len:,} tokens)"
+    return ""
 
 
 def _init_from_config(cfg: RunConfig) -> Any:
@@ -205,6 +228,9 @@ def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
 
     initialized_here = not ray.is_initialized()
     if initialized_here:
+        where = os.environ.get("RAY_ADDRESS") or "a local Ray instance"
+        print(f"[rso_ray] connecting to {where}" if os.environ.get("RAY_ADDRESS") else f"[rso_ray] starting {where}",
+              flush=True)
         ray.init(
             log_to_driver=True,
             configure_logging=True,
@@ -404,8 +430,10 @@ def _fit(cfg: RunConfig, prep: Prepared, folder: str, run_id: str, place: Placem
         f"MLflow run {run_id} at {cfg.mlflow_tracking_uri}; checkpoints in {folder}",
         flush=True,
     )
-    print(f"[rso_ray] validation set: {len(prep.validation):,} blocks of {cfg.seq_len} tokens; "
-          f"{prep.source.describe_validation()}", flush=True)
+    print(f"[rso_ray] validation set: {len(prep.validation):,} blocks of {cfg.seq_len} tokens "
+          f"({len(prep.validation) * (cfg.seq_len - 1):,} predicted tokens per evaluation"
+          + (f"; {prep.validation_note}" if prep.validation_note else "") + f"); {prep.source.describe_validation()}",
+          flush=True)
     build_trainer(cfg, place, runtime, callbacks).fit()
     outcome = read_outcome(runtime.outcome_uri)
     if outcome is None or outcome.launch_id != launch_id or outcome.status == "running":
@@ -465,13 +493,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\n[rso_ray] interrupted while checking the options and the data: nothing was trained", file=sys.stderr)
+        return 130
     from .runlock import RunLocked
 
     try:
         run(cfg, prepared=prepared)
     except Interrupted as err:
         return 128 + err.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the workers started (while Ray or MLflow start)
+        print(f"\n[rso_ray] interrupted before training started: nothing was trained; relaunching with "
+              f"--run-name {cfg.run_name} starts run {cfg.run_name} again", file=sys.stderr)
         return 130
     except (ValueError, RunLocked, ClusterLacksResources, TrainingDataFailed) as err:
         print(f"error: {err}", file=sys.stderr)

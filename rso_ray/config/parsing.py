@@ -70,6 +70,8 @@ def _convert(name: str, value: Any, *, source: str) -> Any:
         if tp is str:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "workers":
                 return str(value)
+            if isinstance(value, bool):  # YAML's true/false for an option written as a word (use_gpu: true)
+                return "true" if value else "false"
             if not isinstance(value, str):
                 raise TypeError
             return value
@@ -80,48 +82,57 @@ def _convert(name: str, value: Any, *, source: str) -> Any:
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Keys and values of a YAML or JSON config file; unknown keys are an error naming the key and line."""
+    """Keys and values of a YAML or JSON config file. An unknown key (the hidden test options included)
+    and a key given twice are errors naming the key and its line."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")
-    text = p.read_text()
-    if p.suffix == ".json":
-        raw = json.loads(text)
-        lines: dict[str, int] = {}
-    else:
-        import yaml
-
-        from .. import yaml_loader
-
-        try:
-            raw = yaml_loader.load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{p}: not valid YAML: {err}") from None
-        lines = _yaml_key_lines(text)
+    raw, lines = _read_mapping(p)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ValueError(f"{p}: the top level must be a mapping of option: value")
+    known = sorted(set(OPTION_FIELDS) - set(TEST_OPTIONS))
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name not in OPTION_FIELDS:
-            where = f", line {lines[key]}" if key in lines else ""
-            raise ValueError(f"{p}{where}: unknown key {key!r}; known keys: {', '.join(sorted(OPTION_FIELDS))}")
         where = f"{p}" + (f", line {lines[key]}" if key in lines else "")
+        if name not in known:
+            raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
+        if name in out:
+            raise ValueError(f"{where}: {key!r} gives option {name} a second time ({flag(name)} and {name} are one option)")
         out[name] = _convert(name, value, source=f"{where}: {key}")
     return out
 
 
-def _yaml_key_lines(text: str) -> dict[str, int]:
+def _read_mapping(p: Path) -> tuple[Any, dict[str, int]]:
+    """The file's top-level value and the line of each top-level key (YAML); a key twice is an error."""
+    text = p.read_text()
+    if p.suffix == ".json":
+        def no_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            seen = [k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])]
+            if seen:
+                raise ValueError(f"{p}: key {seen[0]!r} is given twice")
+            return dict(pairs)
+
+        return json.loads(text, object_pairs_hook=no_twice), {}
     import yaml
 
+    from .. import yaml_loader
+
+    try:
+        raw = yaml_loader.load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{p}: not valid YAML: {err}") from None
     lines: dict[str, int] = {}
-    node = yaml.compose(text)
     if isinstance(node, yaml.MappingNode):
         for k, _ in node.value:
+            if k.value in lines:  # YAML keeps the last value of a repeated key without a word
+                raise ValueError(f"{p}, line {k.start_mark.line + 1}: key {k.value!r} is given twice "
+                                 f"(first on line {lines[k.value]})")
             lines[k.value] = k.start_mark.line + 1
-    return lines
+    return raw, lines
 
 
 def build_parser(prog: str = "python -m rso_ray.train") -> argparse.ArgumentParser:

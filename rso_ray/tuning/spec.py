@@ -38,6 +38,7 @@ from ..models import DEMO_MODELS
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("eval_loss", "tokens", "wall_time")
+METRIC_MODES = {"eval_loss": "min", "tokens": "max", "wall_time": "min"}  # the direction in which each is better
 RESOURCE_KEYS = ("workers", "use_gpu", "cpus_per_worker", "data_cpus", "max_concurrent_trials")
 TOP_KEYS = ("name", "base", "search_space", "metric", "mode", "num_samples", "scheduler", "resources",
             "storage_path", "mlflow", "output")
@@ -202,9 +203,12 @@ def _objective(raw: dict[str, Any], fail: Fail) -> tuple[str, str, int]:
     metric = raw.get("metric", "eval_loss")
     if metric not in METRICS:
         raise fail(("metric",), f"must be one of {', '.join(METRICS)}; got {metric!r}")
-    mode = raw.get("mode", "min")
+    mode = raw.get("mode", METRIC_MODES[metric])
     if mode not in ("min", "max"):
         raise fail(("mode",), f"must be min or max; got {mode!r}")
+    if mode != METRIC_MODES[metric]:
+        raise fail(("mode",), f"{metric} is better when it is {'lower' if METRIC_MODES[metric] == 'min' else 'higher'}: "
+                              f"mode must be {METRIC_MODES[metric]}, got {mode}")
     num_samples = raw.get("num_samples", 1)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise fail(("num_samples",), f"must be an integer >= 1; got {num_samples!r}")
@@ -289,5 +293,7 @@ def _check_values(spec: SweepSpec, fail: Any) -> None:
                                  cfg.method)
             except (ValueError, TypeError) as err:
                 raise fail(keys, f"value {value!r} is not valid: {err}") from None
-    if spec.scheduler.get("max_t") and base.steps and spec.scheduler["max_t"] > base.steps:
-        raise fail(("scheduler", "max_t"), f"{spec.scheduler['max_t']} is more than the trials' {base.steps} steps")
+    for key in ("max_t", "grace_period"):
+        value = spec.scheduler.get(key)
+        if value and value > base.steps:
+            raise fail(("scheduler", key), f"{value} is more than the trials' {base.steps} steps")
