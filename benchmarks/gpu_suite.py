@@ -40,14 +40,15 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gpu_measure as gm  # benchmarks/gpu_measure.py
 import torch
 from common import PAPER_RANKS, machine_description  # benchmarks/common.py
 
 from rso_ray.console import format_table, human_bytes
-from rso_ray.core.methods import RSOMethod
-from rso_ray.models import build_model, model_config
+from rso_ray.core.methods import RSOMethod, TrainingMethod
+from rso_ray.models import LlamaForCausalLM, model_config
 from rso_ray.training.engine import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ class Report:
     def __init__(self, out: Path, header: dict):
         self.out = out
         self.data: dict = {"suite": header, "sections": {}}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # SIGTERM's handler may save while the main thread is saving
         out.mkdir(parents=True, exist_ok=True)
 
     def section(self, name: str, budget_s: float) -> dict:
@@ -218,23 +219,24 @@ class _TestRows:
     def __init__(self, ctx: Context):
         self.ctx = ctx
 
-    def pytest_runtest_setup(self, item: object) -> None:
+    def pytest_runtest_setup(self, item: Any) -> None:
         import pytest
 
         if self.ctx.out_of_time():
             pytest.skip("the suite's correctness budget was spent")
 
-    def pytest_runtest_logreport(self, report: object) -> None:
-        r = report  # a pytest TestReport
-        if r.when == "call" or r.outcome != "passed":  # type: ignore[attr-defined]
-            message = ""
-            if r.outcome != "passed":  # type: ignore[attr-defined]
-                longrepr = r.longrepr  # type: ignore[attr-defined]  # a skip's is (file, line, reason)
-                text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-                message = (text.strip().splitlines() or [""])[-1][:300]
-            self.ctx.report.row("correctness", {
-                "test": r.nodeid.split("::", 1)[-1], "phase": r.when, "outcome": r.outcome,  # type: ignore[attr-defined]
-                "seconds": round(r.duration, 2), "message": message})  # type: ignore[attr-defined]
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.when != "call" and report.outcome == "passed":
+            return  # a setup or teardown that went well
+        message = ""
+        if report.skipped and isinstance(report.longrepr, tuple):
+            message = report.longrepr[2]  # (file, line, reason)
+        elif report.failed:  # the assertion's "E" lines, else the last line of the report
+            lines = report.longreprtext.splitlines()
+            message = " / ".join(x[1:].strip() for x in lines if x.startswith("E ")) or (lines or [""])[-1]
+        self.ctx.report.row("correctness", {
+            "test": report.nodeid.split("::", 1)[-1], "phase": report.when, "outcome": report.outcome,
+            "seconds": round(report.duration, 2), "message": message[:500]})
 
 
 def run_correctness(ctx: Context) -> None:
@@ -248,7 +250,10 @@ def run_correctness(ctx: Context) -> None:
                             "-W", "ignore::pytest.PytestConfigWarning"], plugins=[_TestRows(ctx)])
     finally:
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
         for name in ("last_type", "last_value", "last_traceback", "last_exc"):
             if hasattr(sys, name):  # pytest keeps the last failure here: it holds the failing test's tensors
                 delattr(sys, name)
@@ -259,38 +264,41 @@ def run_correctness(ctx: Context) -> None:
 # -- speed ---------------------------------------------------------------------------------------------
 
 
-def _probe_fn(ctx: Context, model: torch.nn.Module, method: object, row: dict) -> Callable[[int], gm.Probe]:
+def _probe_fn(ctx: Context, model: torch.nn.Module, method: TrainingMethod, row: dict) -> Callable[[int], gm.Probe]:
     """One step at a micro-batch on the GPU: it fits unless the allocator runs out. On the CPU: the meta
     trace's bytes against the pretend card (the step itself is not run: it would say nothing)."""
     name, seq = row["model"], ctx.sizes.seq_len
-    tracer = gm.MetaTracer(name, row["method"], row["rank"], seq) if ctx.device.type != "cuda" else None
+    if ctx.device.type != "cuda":
+        tracer, capacity = gm.MetaTracer(name, row["method"], row["rank"], seq), ctx.capacity(name)
 
-    def probe(mb: int) -> gm.Probe:
-        t0 = time.perf_counter()
-        if tracer is not None:
+        def traced(mb: int) -> gm.Probe:
+            t0 = time.perf_counter()
             peak = tracer(mb)
-            capacity = ctx.capacity(name)
             return gm.Probe(mb, capacity is None or peak <= capacity, peak, time.perf_counter() - t0)
+
+        return traced
+
+    def stepped(mb: int) -> gm.Probe:
+        t0 = time.perf_counter()
         ids = gm.token_batch(model_config(name).vocab_size, mb, seq, ctx.device, seed=mb)
-        fits = True
+        peak: int | None = None
         try:
-            _, peak = gm.step_with_peak(model, method, ids, ctx.amp)  # type: ignore[arg-type]
+            _, peak = gm.step_with_peak(model, method, ids, ctx.amp)
         except Exception as err:  # only running out of memory is an answer; anything else is a bug
             if not gm.is_oom(err):
                 raise
-            fits, peak = False, None
-        if not fits:
-            method.zero_grad()  # type: ignore[attr-defined]
+        if peak is None:
+            method.zero_grad()
             gm.release(ctx.device)
-        return gm.Probe(mb, fits, peak, time.perf_counter() - t0)
+        return gm.Probe(mb, peak is not None, peak, time.perf_counter() - t0)
 
-    return probe
+    return stepped
 
 
-def _peak_at(ctx: Context, model: torch.nn.Module, method: object, row: dict, ids: torch.Tensor) -> gm.Probe:
+def _peak_at(ctx: Context, model: torch.nn.Module, method: TrainingMethod, row: dict, ids: torch.Tensor) -> gm.Probe:
     """The peak of one step at ``ids``' micro-batch, in the row, and as a probe that fitted."""
     t0 = time.perf_counter()
-    _, peak = gm.step_with_peak(model, method, ids, ctx.amp)  # type: ignore[arg-type]
+    _, peak = gm.step_with_peak(model, method, ids, ctx.amp)
     seconds = time.perf_counter() - t0
     if peak is not None:
         row.update(peak_mem_bytes=peak, peak_source="CUDA allocator (max_memory_allocated)")
@@ -300,14 +308,14 @@ def _peak_at(ctx: Context, model: torch.nn.Module, method: object, row: dict, id
     return gm.Probe(ids.shape[0], True, peak, seconds)
 
 
-def _timing(ctx: Context, model: torch.nn.Module, method: object, ids: torch.Tensor, row: dict) -> None:
-    times = gm.timed_steps(model, method, ids, ctx.amp, ctx.sizes.timed_steps)  # type: ignore[arg-type]
+def _timing(ctx: Context, model: torch.nn.Module, method: TrainingMethod, ids: torch.Tensor, row: dict) -> None:
+    times = gm.timed_steps(model, method, ids, ctx.amp, ctx.sizes.timed_steps)
     step_s = statistics.median(times)
     tokens_per_s = ids.numel() / step_s
     row.update(step_s=step_s, tokens_per_s=tokens_per_s, step_times_s=times,
                executed_tflops=row["executed_flops_per_token"] * tokens_per_s / 1e12,
                mfu=row["model_flops_per_token"] * tokens_per_s / (ctx.peak_tflops * 1e12))
-    row["refresh_s"] = gm.refresh_seconds(model, method, ids, ctx.amp, step_s)  # type: ignore[arg-type]
+    row["refresh_s"] = gm.refresh_seconds(method, ids.device)
 
 
 def new_row(ctx: Context, section: str, name: str, rank: int, variant: str, micro_batch: int) -> dict:
@@ -329,7 +337,8 @@ def count_row_flops(row: dict) -> None:
 
 def model_flops_per_token(name: str, seq_len: int) -> float:
     """6N plus attention per token (the MFU convention of rso_ray.models.llama), the same for every method."""
-    return float(build_model(name, device="meta").flops_per_token(seq_len))
+    with torch.device("meta"):
+        return LlamaForCausalLM(model_config(name)).flops_per_token(seq_len)
 
 
 def guarded(ctx: Context, row: dict, work: Callable[[dict], None]) -> None:
@@ -355,7 +364,8 @@ def measure_variant(ctx: Context, row: dict, deadline: float) -> None:
     name, mb = row["model"], row["micro_batch"]
     model, method = gm.build(name, row["method"], row["rank"], ctx.device)
     ids = gm.token_batch(model_config(name).vocab_size, mb, ctx.sizes.seq_len, ctx.device)
-    train_step(model, method, [ids], autocast_dtype=ctx.amp)  # warm-up: kernels chosen, states created
+    # The first step: kernels chosen, optimizer states created, GaLore's first SVD of every target gradient.
+    (row["first_step_s"],) = gm.timed_steps(model, method, ids, ctx.amp, 1)
     known = _peak_at(ctx, model, method, row, ids)
     ctx.report.save()
     _timing(ctx, model, method, ids, row)

@@ -155,17 +155,18 @@ def _check_merge(handle: RSOHandle, before: dict) -> tuple[int, int]:
         w1 = layer.base_layer.weight.detach()
         assert w1.dtype == torch.float32 and torch.count_nonzero(layer.rso_B) == 0
         assert torch.equal(w1, w_eff), f"{name}: the merged W is not the W + B^T P^T the forward used"
-        p = layer.group.on_device(w1.device).dense().double()  # (m, r)
-        update = (p @ b.double()).t()  # (n, m), exact in float64
+        # The rest in float64 on the CPU, whatever the device.
+        w0, w1, b = w0.cpu().double(), w1.cpu().double(), b.cpu().double()
+        p = layer.group.projection.dense().cpu().double()  # (m, r)
+        update = (p @ b).t()  # (n, m), exact in float64
         # float32 GEMM bound: |fl(w + sum_k u_k) - exact| <= (r + 1) 2^-24 (|w| + sum_k |u_k|)
-        bound = (handle.config.rank + 1) * 2.0**-24 * (w0.double().abs() + (p.abs() @ b.double().abs()).t())
-        assert ((w1.double() - (w0.double() + update)).abs() <= bound).all(), name
+        bound = (handle.config.rank + 1) * 2.0**-24 * (w0.abs() + (p.abs() @ b.abs()).t())
+        assert ((w1 - (w0 + update)).abs() <= bound).all(), name
         # Updates a float32 merge must keep (over one float32 ulp of W) that a bf16 one loses (under half
-        # a bf16 ulp): all of them changed W.
-        ulp32 = torch.nextafter(w0.abs(), torch.tensor(math.inf, device=w0.device)) - w0.abs()
-        w16 = w0.abs().bfloat16()
-        ulp16 = (torch.nextafter(w16, torch.tensor(math.inf, dtype=torch.bfloat16, device=w0.device)) - w16).double()
-        small = (update.abs() > ulp32.double()) & (update.abs() < ulp16 / 2)
+        # a bf16 ulp): all of them changed W. For |w| in [2^(e-1), 2^e): ulp 2^(e-24) (float32), 2^(e-8) (bf16).
+        _, e = torch.frexp(w0.abs())
+        ulp32, ulp16 = torch.exp2(e - 24.0), torch.exp2(e - 8.0)
+        small = (update.abs() > ulp32) & (update.abs() < ulp16 / 2)
         candidates += int(small.sum())
         kept += int((w1 != w0)[small].sum())
     return kept, candidates
