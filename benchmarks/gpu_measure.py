@@ -21,10 +21,11 @@ from common import VARIANTS, sync  # benchmarks/common.py
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from rso_ray.core.galore import galore_projector
 from rso_ray.core.layer import SubspaceGroup, effective_weight
 from rso_ray.core.memory import measure_step
 from rso_ray.core.methods import MethodConfig, RSOMethod, TrainingMethod, build_method
-from rso_ray.models import build_model
+from rso_ray.models import build_model, model_config
 from rso_ray.training.engine import StepResult, train_step
 
 NO_RESAMPLE = 10**9  # tau for timed runs: no merge inside the timed steps (its cost is timed on its own)
@@ -83,17 +84,36 @@ def timed_steps(model: nn.Module, method: TrainingMethod, ids: torch.Tensor, amp
     return times
 
 
-def refresh_seconds(method: TrainingMethod, device: torch.device) -> float | None:
+def rso_refresh_seconds(method: RSOMethod, device: torch.device) -> float:
     """What RSO pays once per subspace (every tau steps), outside the timed steps: the merge W <- W + P B
-    and the resample of P (a QR per group). None for the other methods: GaLore's SVD refresh (every 200
-    steps) happens in its first step, which the suite times as ``first_step_s``."""
-    if not isinstance(method, RSOMethod):
-        return None
+    and the resample of P (a QR per group)."""
     sync(device)
     t0 = time.perf_counter()
     method.end_subspace(merge=True)
     sync(device)
     return time.perf_counter() - t0
+
+
+def layer_shapes(name: str) -> list[tuple[str, int, int, int]]:
+    """(layers, n, m, count per block) of a LLaMA block's linears in torch's (out, in) layout."""
+    cfg = model_config(name)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return [("q k v o", d, d, 4), ("gate up", f, d, 2), ("down", d, f, 1)]
+
+
+def galore_refresh_seconds(name: str, rank: int, device: torch.device) -> float:
+    """What GaLore pays every update_proj_gap steps (and in its first step): the SVD of every target
+    gradient (core/galore.py galore_projector), timed once per distinct shape on a random gradient."""
+    total = 0.0
+    galore_projector(torch.randn(64, 64, device=device), 8)  # the solver's set-up, once
+    for _, n, m, count in layer_shapes(name):
+        grad = torch.randn(n, m, device=device)  # (out, in), as a weight's gradient
+        sync(device)
+        t0 = time.perf_counter()
+        galore_projector(grad, rank)
+        sync(device)
+        total += count * model_config(name).num_hidden_layers * (time.perf_counter() - t0)
+    return total
 
 
 @dataclass

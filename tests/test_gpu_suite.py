@@ -24,6 +24,8 @@ from rso_ray.models import model_config
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.py"
 NOT_ON_THE_GPU_MACHINE = ("ray", "mlflow", "datasets")
+# The smoke's own budget is 80 s; CI gives it more, so that a busy machine cuts nothing the checks read.
+SMOKE_BUDGET_S = 240
 ROW_KEYS = {"model", "method", "micro_batch", "seq_len", "peak_mem_bytes", "tokens_per_s", "step_s",
             "executed_tflops", "mfu", "device"}  # the row
 
@@ -56,7 +58,7 @@ slow = pytest.mark.slow  # the smoke run takes about 1.5 minutes on two CPU core
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu_suite")
-    done = run_suite("--smoke", "--out", out)
+    done = run_suite("--smoke", "--budget-s", str(SMOKE_BUDGET_S), "--out", out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((out / "gpu_suite.json").read_text())
     data["_md"] = (out / "gpu_suite.md").read_text()
@@ -70,7 +72,7 @@ def rows(data: dict, section: str, table: str = "rows") -> list[dict]:
 @slow
 def test_every_section_ran_within_its_budget(smoke: dict) -> None:
     suite = smoke["suite"]
-    assert suite["smoke"] and suite["budget_s"] == 80 and suite["precision"] == "bf16-mixed"
+    assert suite["smoke"] and suite["budget_s"] == SMOKE_BUDGET_S and suite["precision"] == "bf16-mixed"
     assert list(smoke["sections"]) == ["correctness", "speed", "llama7b", "weight_forming", "profile"]
     for name, sec in smoke["sections"].items():
         assert sec["status"] in ("done", "cut: budget spent"), (name, sec.get("error"))
@@ -147,7 +149,7 @@ def test_rates_follow_from_the_measured_times(smoke: dict) -> None:
         assert r["tokens_per_s"] == pytest.approx(tokens_per_s, rel=1e-12)
         assert r["executed_tflops"] == pytest.approx(r["executed_flops_per_token"] * tokens_per_s / 1e12, rel=1e-12)
         assert r["mfu"] == pytest.approx(model_flops(r["model"], r["seq_len"]) * tokens_per_s / peak, rel=1e-12)
-        assert (r["refresh_s"] is None) == (not r["method"].startswith("rso"))
+        assert (r.get("refresh_s") is None) == (r["method"] == "adamw")
 
 
 @slow
