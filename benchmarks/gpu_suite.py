@@ -321,15 +321,6 @@ def _timing(ctx: Context, model: torch.nn.Module, method: TrainingMethod, ids: t
         row["refresh_s"] = gm.rso_refresh_seconds(method, ids.device)
 
 
-def new_row(ctx: Context, section: str, name: str, rank: int, variant: str, micro_batch: int) -> dict:
-    """A row of the speed or llama7b table, with the FLOPs per token counted on the meta device."""
-    seq = ctx.sizes.seq_len
-    row = ctx.report.row(section, {"model": name, "method": variant, "rank": rank, "micro_batch": micro_batch,
-                                   "seq_len": seq, "device": ctx.device_name})
-    count_row_flops(row)
-    return row
-
-
 def count_row_flops(row: dict) -> None:
     """FLOPs per token at the row's micro-batch (RSO's forming of W + P B and GaLore's projections are paid
     per step, so their share per token depends on it)."""
@@ -387,20 +378,29 @@ def measure_variant(ctx: Context, row: dict, deadline: float) -> None:
                search_done=gm.search_done(probes, ctx.sizes.max_micro_batch))
 
 
-def _units_deadline(ctx: Context, units_left: int) -> float:
-    return time.perf_counter() + max(0.0, ctx.left()) / max(1, units_left)
+def run_units(ctx: Context, section: str, units: list[tuple[str, int, str]], micro_batch: int,
+              measure: Callable[[Context, dict, float], None]) -> None:
+    """One row per (model, rank, method): FLOPs counted on the meta device, then ``measure`` on the device
+    until the unit's deadline, its fair share of what is left of the section."""
+    for i, (name, rank, variant) in enumerate(units):
+        if ctx.out_of_time():
+            ctx.report.row(section, {"model": name, "method": variant, "skipped": "the section's budget was spent"})
+            continue
+        deadline = time.perf_counter() + max(0.0, ctx.left()) / (len(units) - i)
+        row = ctx.report.row(section, {"model": name, "method": variant, "rank": rank, "micro_batch": micro_batch,
+                                       "seq_len": ctx.sizes.seq_len, "device": ctx.device_name})
+
+        def work(row: dict, deadline: float = deadline) -> None:
+            count_row_flops(row)
+            measure(ctx, row, deadline)
+
+        guarded(ctx, row, work)
 
 
 def run_speed(ctx: Context) -> None:
     units = sorted(((name, rank, v) for name, rank in ctx.sizes.speed_models for v in SPEED_VARIANTS),
                    key=lambda u: u[2] == "galore")  # stable: model order kept within each group
-    for i, (name, rank, variant) in enumerate(units):
-        if ctx.out_of_time():
-            ctx.report.row("speed", {"model": name, "method": variant, "skipped": "the section's budget was spent"})
-            continue
-        deadline = _units_deadline(ctx, len(units) - i)
-        row = new_row(ctx, "speed", name, rank, variant, ctx.sizes.micro_batch)
-        guarded(ctx, row, lambda r, d=deadline: measure_variant(ctx, r, d))  # type: ignore[misc]
+    run_units(ctx, "speed", units, ctx.sizes.micro_batch, measure_variant)
     for row in target_rows(ctx.report.data["sections"]["speed"]["tables"].get("rows", []), ctx.peak_tflops):
         ctx.report.row("speed", row, table="targets")
 
@@ -476,14 +476,7 @@ def measure_big(ctx: Context, row: dict, deadline: float) -> None:
 
 def run_llama7b(ctx: Context) -> None:
     name, rank = ctx.sizes.big_model
-    variants = ("rso-haar", "adamw")
-    for i, variant in enumerate(variants):
-        if ctx.out_of_time():
-            ctx.report.row("llama7b", {"model": name, "method": variant, "skipped": "the section's budget was spent"})
-            continue
-        deadline = _units_deadline(ctx, len(variants) - i)
-        row = new_row(ctx, "llama7b", name, rank, variant, ctx.sizes.big_micro_batch)
-        guarded(ctx, row, lambda r, d=deadline: measure_big(ctx, r, d))  # type: ignore[misc]
+    run_units(ctx, "llama7b", [(name, rank, v) for v in ("rso-haar", "adamw")], ctx.sizes.big_micro_batch, measure_big)
 
 
 # -- W + P B -------------------------------------------------------------------------------------------
