@@ -213,7 +213,7 @@ def test_the_big_model_trains_and_its_cards_follow_from_its_peaks(smoke: dict) -
 def test_weight_forming_rows_add_up(smoke: dict) -> None:
     forming = rows(smoke, "weight_forming")
     assert {(r["model"], r["layers"]) for r in forming} == {
-        (m, lay) for m in ("llama-tiny", "llama-mini") for lay in ("q k v o", "gate up", "down")}
+        (m, lay) for m in ("llama-micro", "llama-tiny") for lay in ("q k v o", "gate up", "down")}
     for r in forming:
         assert r["fp32_over_bf16"] == r["fp32_round_once_s"] / r["bf16_sum_s"]
     counts = {"q k v o": 4, "gate up": 2, "down": 1}
