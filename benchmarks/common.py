@@ -1,8 +1,14 @@
-"""Options the benchmark scripts share: where to run and in which precision."""
+"""What the benchmark scripts share: where to run and in which precision, the method variants they compare,
+the paper's ranks, and how to wait for a device and name it.
+
+Torch-only (no Ray, MLflow or datasets): benchmarks/gpu_suite.py runs on a GPU machine that has none of them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import platform
+from typing import Any
 
 import torch
 
@@ -26,3 +32,31 @@ def device_and_autocast(args: argparse.Namespace) -> tuple[torch.device, torch.d
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
     return device, autocast_dtype_for(args.precision, device)
+
+
+# MethodConfig fields of each variant the benchmarks compare (the rank and schedule come from the command).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "adamw": dict(name="adamw"),
+    "rso-haar": dict(name="rso", projection="haar"),
+    "rso-coordinate": dict(name="rso", projection="coordinate"),
+    "rso-haar-keep-yp": dict(name="rso", projection="haar", recompute_inputs=False),
+    "rso-gaussian": dict(name="rso", projection="gaussian"),
+    "galore": dict(name="galore"),
+}
+
+# The rank r of RSO and GaLore for each model in the paper's pre-training table (r / d_model: 128/256,
+# 256/768, 256/1024, 512/2048) and GaLore's 7B scripts (1024).
+PAPER_RANKS: dict[str, int] = {"llama-60m": 128, "llama-130m": 256, "llama-350m": 256, "llama-1b": 512, "llama-7b": 1024}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously) before reading a clock or the allocator."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine_description(device: torch.device) -> str:
+    """torch version and the device's name (GPU), or the CPU's threads and type."""
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    return f"torch {torch.__version__}, {where}"

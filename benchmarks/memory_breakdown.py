@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from common import PAPER_RANKS  # benchmarks/common.py
 
 from rso_ray.console import format_table, human_bytes
 from rso_ray.core.methods import MethodConfig, build_method
@@ -27,10 +28,10 @@ from rso_ray.models import build_model
 
 CASES = [
     # (model, rank, batch, seq, device, dtype)
-    ("llama-60m", 128, 8, 256, "cpu", torch.float32),
-    ("llama-350m", 256, 16, 256, "meta", torch.bfloat16),
-    ("llama-1b", 512, 16, 256, "meta", torch.bfloat16),
-    ("llama-7b", 1024, 4, 256, "meta", torch.bfloat16),
+    ("llama-60m", PAPER_RANKS["llama-60m"], 8, 256, "cpu", torch.float32),
+    ("llama-350m", PAPER_RANKS["llama-350m"], 16, 256, "meta", torch.bfloat16),
+    ("llama-1b", PAPER_RANKS["llama-1b"], 16, 256, "meta", torch.bfloat16),
+    ("llama-7b", PAPER_RANKS["llama-7b"], 4, 256, "meta", torch.bfloat16),
 ]
 
 

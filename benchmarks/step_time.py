@@ -17,28 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import add_device_options, device_and_autocast  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    VARIANTS,
+    add_device_options,
+    device_and_autocast,
+    machine_description,
+    sync,
+)
 
 from rso_ray.console import format_table
 from rso_ray.core.methods import MethodConfig, RSOMethod, build_method
 from rso_ray.models import build_model, model_config
 from rso_ray.training.engine import autocast_context
-
-VARIANTS = {
-    "adamw": dict(name="adamw"),
-    "rso-haar": dict(name="rso", projection="haar"),
-    "rso-coordinate": dict(name="rso", projection="coordinate"),
-    "rso-haar-keep-yp": dict(name="rso", projection="haar", recompute_inputs=False),
-    "rso-gaussian": dict(name="rso", projection="gaussian"),
-    "galore": dict(name="galore"),
-}
 
 
 def flop_ratio(model_name: str, layers: int | None, rank: int, tokens: int, seq_len: int, coordinate: bool) -> float:
@@ -77,10 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device, amp = device_and_autocast(args)
 
-    def sync() -> None:  # CUDA runs asynchronously: wait for the kernels before reading the clock
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     vocab = model_config(args.model).vocab_size
     gen = torch.Generator().manual_seed(0)
     batches = [
@@ -95,16 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     opt_times: dict[str, list[float]] = {v: [] for v in runs}
     for i, ids in enumerate(batches):
         for variant, (model, method) in runs.items():
-            sync()
+            sync(device)
             t0 = time.perf_counter()
             method.zero_grad()
             with autocast_context(device, amp):
                 loss = model(ids, labels=ids).loss
             loss.backward()
-            sync()
+            sync(device)
             t1 = time.perf_counter()
             method.step()
-            sync()
+            sync(device)
             dt, dt_opt = time.perf_counter() - t0, time.perf_counter() - t1
             if i > 0:
                 times[variant].append(dt)
@@ -113,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     resample = {}
     for variant, (_, method) in runs.items():
         if isinstance(method, RSOMethod):
-            sync()
+            sync(device)
             t0 = time.perf_counter()
             method.handle.resample(method.outer_step + 1)
-            sync()
+            sync(device)
             resample[variant] = time.perf_counter() - t0
     med = {v: statistics.median(t) for v, t in times.items()}
     med_opt = {v: statistics.median(t) for v, t in opt_times.items()}
@@ -136,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = (
         f"{args.model}" + (f" ({args.layers} blocks)" if args.layers else "")
         + f", rank {args.rank}, {args.batch_size} x {args.seq_len} tokens, {args.precision}, {args.steps} timed steps "
-        f"each, round robin; torch {torch.__version__}, "
-        + (torch.cuda.get_device_name(device) if device.type == "cuda"
-           else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+        f"each, round robin; {machine_description(device)}"
     )
     table = format_table(headers, rows)
     print("\n" + settings + "\n" + table)

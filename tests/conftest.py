@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA: skipped without it, unless RSO_GPU_TESTS_DEVICE=cpu asks for their
+    CPU run at tiny sizes (benchmarks/gpu_suite.py --smoke)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items or os.environ.get("RSO_GPU_TESTS_DEVICE") == "cpu":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (RSO_GPU_TESTS_DEVICE=cpu runs it on the CPU at tiny sizes)")
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")
