@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+from rso_ray.core.memory import unique_bytes
 from rso_ray.core.methods import MethodConfig, build_method
 from rso_ray.core.rso import apply_rso
 from rso_ray.models import build_model
@@ -335,6 +336,28 @@ def test_whole_checkpoint_loads_into_sharded_model(name: str, tmp_path: Any) -> 
     resumed = run_ranks(2, _load_and_continue, name, folder)[0]
     _assert_same_state(resumed["state"], written["state"])
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(written["losses"]), rtol=2e-6, atol=0.0)
+
+
+def _state_bytes_after(rank: int, world: int, name: str, folder: str) -> int:
+    """Bytes of this rank's optimizer states (storages counted once): after loading ``folder``, or after two
+    steps of a fresh run when ``folder`` is empty."""
+    model, method = _setup(world, name, TOTAL)
+    if folder:
+        load_checkpoint(folder, model=model, method=method)
+    else:
+        _steps(rank, world, model, method, batches(SAVE_AT))
+    return unique_bytes(t.to_local() if isinstance(t, DTensor) else t for t in method.optimizer_state_tensors())
+
+
+@pytest.mark.parametrize("name", ["adamw", "rso-levers"])
+def test_a_whole_checkpoint_loaded_sharded_keeps_only_each_ranks_rows(name: str, tmp_path: Any) -> None:
+    """A ddp -> fsdp relaunch: every rank holds the optimizer state bytes a fresh 2-worker fsdp run holds,
+    not the whole checkpoint's (rows sliced as views kept the whole storages alive)."""
+    folder = str(tmp_path / "checkpoint_00000004")
+    _train_and_save(0, 1, name, folder)
+    loaded = run_ranks(2, _state_bytes_after, name, folder)
+    fresh = run_ranks(2, _state_bytes_after, name, "")
+    assert loaded == fresh, (loaded, fresh)
 
 
 # -- memory: the sharded part shrinks as 1/N, measured and on paper -------------------------------------

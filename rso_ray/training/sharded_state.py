@@ -116,7 +116,8 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(like, DTensor) or tuple(full.shape) != tuple(like.shape):
         return full
     local, rows = sharded_rows(like)
-    piece = full[rows.start : rows.stop].to(device=local.device, dtype=local.dtype).contiguous()
+    # A copy, never a view: a view of the rows would keep the whole tensor's storage alive on every rank.
+    piece = full[rows.start : rows.stop].to(device=local.device, dtype=local.dtype, copy=True)
     return DTensor.from_local(piece, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
 
 
