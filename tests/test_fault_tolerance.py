@@ -146,9 +146,12 @@ def test_driver_killed_then_relaunched_resumes_bitwise(micro_config, references,
 
 
 
-@pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+                         ids=["ctrl-c", "sigterm", "sigterm-to-the-group"])
 def test_interrupt_marks_the_run_killed_and_says_how_to_resume(micro_config, tmp_path: Path, sig: int, to_group: bool) -> None:
-    """Ctrl-C reaches the terminal's whole process group; `ray job stop` sends SIGTERM to the driver."""
+    """Ctrl-C reaches the terminal's whole process group; `ray job stop` sends SIGTERM to the driver;
+    `timeout` and many schedulers send SIGTERM to the whole process group, Ray's own processes included:
+    then too the run ends within seconds with 143 (it used to wait 60 s for the dead GCS and exit 1)."""
     cfg = micro_config(tmp_path, RUN, workers="1", steps=2000)  # far more steps than the test waits for
     env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(_cli(cfg, tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -162,12 +165,16 @@ def test_interrupt_marks_the_run_killed_and_says_how_to_resume(micro_config, tmp
     import psutil
 
     tree = [(p.pid, p.create_time(), p.name()) for p in psutil.Process(proc.pid).children(recursive=True)]
+    signalled = time.monotonic()
     if to_group:
         os.killpg(proc.pid, sig)
     else:
         os.kill(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, out[-3000:]
+    if sig == signal.SIGTERM and to_group:
+        assert time.monotonic() - signalled < 30, out[-3000:]
+        assert "the local Ray instance stopped with the same signal" in out
     assert f"{signal.Signals(sig).name} received: stopping the workers" in out
     assert (f"interrupted: run {cfg.run_name} stopped and marked KILLED in MLflow; relaunch with --run-name "
             f"{cfg.run_name} to resume from its last complete checkpoint (") in out, out[-3000:]
@@ -183,3 +190,23 @@ def test_interrupt_marks_the_run_killed_and_says_how_to_resume(micro_config, tmp
     # The checkpoints it wrote are intact: the newest complete one is at least the one waited for.
     newest = latest_checkpoint(str(Path(cfg.storage_path) / cfg.run_name))
     assert newest is not None and read_state(newest)["step"] >= 8
+
+
+def test_another_ray_instance_on_the_machine_adds_no_noise(micro_config, tmp_path: Path) -> None:
+    """With a second Ray instance running (another user's, a notebook), Ray Train's placement-group cleaner
+    asked 'the' instance's state API and printed a traceback every few seconds ('Found multiple active Ray
+    instances'); the driver now gives its instance a dashboard of its own and tells its processes so."""
+    other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(num_cpus=1); print('up', flush=True); "
+                              "time.sleep(600)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "up"
+        cfg = micro_config(tmp_path, RUN, workers="1", steps=8, eval_every=8, log_every=4)
+        env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+        done = subprocess.run(_cli(cfg, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        out = done.stdout + done.stderr
+        assert "done: 8 steps" in out
+        assert "Found multiple active Ray instances" not in out and "Traceback" not in out, out[-3000:]
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)
+        other.wait(timeout=60)

@@ -68,6 +68,24 @@ class Interrupted(KeyboardInterrupt):
 
 
 _SIGNALS: list[int] = []  # the signals the driver got during fit(), newest last
+_LOCAL_RAY_GONE: list[bool] = []  # set when the Ray instance this driver started died with a signal
+
+
+def local_ray_died(wait_s: float = 2.0) -> bool:
+    """Whether the Ray instance this process started (not a cluster it joined) has lost its GCS or raylet;
+    a signal to the process group reaches them a moment after the driver, hence the short wait."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not getattr(node, "head", False):
+        return False
+    deadline = time.monotonic() + wait_s
+    while True:
+        if node.dead_processes():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _on_interrupt(controller: Any) -> None:
@@ -89,9 +107,17 @@ def _on_interrupt(controller: Any) -> None:
         if count == 1:
             print(f"\n[rso_ray] {signal.Signals(signum).name} received: stopping the workers "
                   "(send it again to stop without waiting)", flush=True)
-            # The controller exits inside abort(), so the call may end in RayActorError: that is the success.
-            with contextlib.suppress(Exception):
-                ray.get(controller.abort.remote(), timeout=60)
+            if local_ray_died():
+                # The signal reached the whole process group (timeout, a scheduler): the Ray instance this
+                # driver started is gone, its workers with it. A call into Ray would now wait 60 s for a
+                # GCS that never answers and then end the process (status 1): say so, finish, exit at once.
+                _LOCAL_RAY_GONE.append(True)
+                print("[rso_ray] the local Ray instance stopped with the same signal, and its workers with it",
+                      flush=True)
+            else:
+                # The controller exits inside abort(), so the call may end in RayActorError: that is the success.
+                with contextlib.suppress(Exception):
+                    ray.get(controller.abort.remote(), timeout=60)
         raise Interrupted(signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -228,14 +254,18 @@ def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
 
     initialized_here = not ray.is_initialized()
     if initialized_here:
-        where = os.environ.get("RAY_ADDRESS") or "a local Ray instance"
-        print(f"[rso_ray] connecting to {where}" if os.environ.get("RAY_ADDRESS") else f"[rso_ray] starting {where}",
-              flush=True)
+        local: dict[str, Any] = {}
+        if os.environ.get("RAY_ADDRESS"):
+            print(f"[rso_ray] connecting to {os.environ['RAY_ADDRESS']}", flush=True)
+        else:
+            print("[rso_ray] starting a local Ray instance", flush=True)
+            local = _own_dashboard()
         ray.init(
             log_to_driver=True,
             configure_logging=True,
             logging_level="WARNING",
             runtime_env={"env_vars": QUIET_ENV},
+            **local,
         )
     DataContext.get_current().enable_progress_bars = False
     from .ray_console import install_log_filter
@@ -248,6 +278,20 @@ def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
 
         start_watcher()  # a kill -9 of this driver must not leave Ray's node processes running
     return ray.cluster_resources(), started_here
+
+
+def _own_dashboard() -> dict[str, Any]:
+    """ray.init options that give a new local instance a dashboard port of its own, and tell its processes
+    (which inherit this environment) to ask that instance's state API: with another Ray instance on the
+    machine, Ray Train's placement-group cleaner otherwise cannot tell which is its own and prints a
+    traceback every few seconds."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"dashboard_port": port}
 
 
 def wait_for_workers(cfg: RunConfig, resources: dict[str, float], started_here: bool) -> dict[str, float]:
@@ -501,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg, prepared=prepared)
     except Interrupted as err:
+        if _LOCAL_RAY_GONE:  # Ray's exit handlers would wait 60 s for the dead GCS, then exit with status 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + err.signum)
         return 128 + err.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     except KeyboardInterrupt:  # before the workers started (while Ray or MLflow start)
         print(f"\n[rso_ray] interrupted before training started: nothing was trained; relaunching with "
