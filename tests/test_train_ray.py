@@ -231,3 +231,35 @@ def test_repeated_nonfinite_losses_stop_the_run(micro_config, train_run, ray_loc
     run = client.search_runs([client.get_experiment_by_name("rso_ray").experiment_id])[0]
     assert run.info.status == "FAILED"
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train/nonfinite_steps")][-1] == 2.0
+
+
+def _damage_model_file(folder: Path) -> None:
+    with open(folder / MODEL_FILE, "r+b") as fh:  # 1 KiB overwritten, the size kept (a bad disk block)
+        fh.seek(4096)
+        fh.write(b"\xff" * 1024)
+
+
+def test_a_damaged_checkpoint_is_skipped_on_relaunch_and_none_intact_stops_at_once(
+        micro_config, train_run, ray_local, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """Checkpoints at steps 4 and 8; step 8's model.pt damaged. The relaunch names it, resumes from step 4
+    and trains every block once. With every checkpoint damaged, the run stops at its first attempt (a
+    restart would read the same files) with the reason, instead of a fresh start or retries."""
+    from rso_ray.cluster.messages import read_outcome
+    from rso_ray.training.storage import OUTCOME
+
+    train_run(micro_config(tmp_path, RUN, workers="1", steps=8, eval_every=8, keep_checkpoints=3, max_failures=3))
+    run_dir = Path(tmp_path) / "runs" / "run"
+    _damage_model_file(run_dir / "checkpoint_00000008")
+    capfd.readouterr()
+    summary = train_run(micro_config(tmp_path, RUN, workers="1", steps=12, eval_every=12, keep_checkpoints=3))
+    out = capfd.readouterr().out
+    assert "checkpoint_00000008 is damaged: model.pt differ(s) from the checksums" in out
+    assert "resuming at step 4 from checkpoint_00000004" in out
+    assert summary["steps"] == 12 and summary["consumed_blocks"] == 12 * 8  # steps 5-8 trained once, again
+    for folder in run_dir.glob("checkpoint_*"):
+        _damage_model_file(folder)
+    with pytest.raises(ValueError, match=r"no checkpoint of .* can be resumed from"):
+        train_run(micro_config(tmp_path, RUN, workers="1", steps=16, eval_every=16, keep_checkpoints=3, max_failures=3))
+    assert read_outcome(str(run_dir / OUTCOME)).status == "checkpoint_error"
+    attempts = sorted(json.loads(p.read_text())["attempts"] for p in run_dir.glob(".rso_attempts_*.json"))
+    assert attempts[-1] == 1 or attempts.count(1) == len(attempts)  # no launch restarted its worker group
