@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,13 +227,17 @@ def check_init_from(cfg: RunConfig, model: Any) -> None:
         raise ValueError(f"--init-from {cfg.init_from} does not fit --model {cfg.model}: {err}") from None
 
 
-def epochs_needed(cfg: RunConfig, source: DataSource, tok: Any, vocab: int) -> int:
+def epochs_needed(cfg: RunConfig, source: DataSource, tok: Any, vocab: int, *, sample_docs: int = 256) -> int:
     """How many passes over the train files the run needs: a stream that ends soon after the budget lets
     Ray Data finish instead of tokenizing (or waiting on backpressure) far ahead of training. Estimated
-    from the first file when it is local and small, from C4's known size for 'c4', else --max-epochs."""
+    from the first file when it is local and small (the blocks of its first ``sample_docs`` documents,
+    scaled by its line count: reading beats tokenizing it whole), from C4's known size for 'c4', else
+    --max-epochs. The stream ends after 1.25x the budget plus an epoch, so an estimate suffices."""
     from pathlib import Path
 
+    from ..data.files import open_binary
     from ..data.packing import Packer
+    from ..data.records import iter_records
 
     needed = cfg.steps * cfg.global_batch_size
     first = source.train[0]
@@ -241,8 +246,13 @@ def epochs_needed(cfg: RunConfig, source: DataSource, tok: Any, vocab: int) -> i
     elif "://" in first or Path(first).stat().st_size > 64 * 2**20:
         return cfg.max_epochs
     else:
-        per_file = sum(1 for _ in Packer(tok, cfg.seq_len, vocab_size=vocab, holdout=source.holdout_side("train")).blocks(first))
-        per_epoch = max(1, per_file * len(source.train))
+        with open_binary(first) as fh:
+            lines = sum(1 for line in fh if line.strip())
+        records = iter_records([first], holdout=source.holdout_side("train"))
+        texts = [r["text"] for _, r in zip(range(sample_docs), records, strict=False)]
+        tokens = len(Packer(tok, cfg.seq_len, vocab_size=vocab).encode(texts)) if texts else 0
+        per_file = tokens / cfg.seq_len * max(1.0, lines / max(len(texts), 1))
+        per_epoch = max(1, int(per_file * len(source.train)))
     return int(min(cfg.max_epochs, math.ceil(1.25 * needed / per_epoch) + 1))
 
 
@@ -421,7 +431,11 @@ def _run_locked(cfg: RunConfig, prep: Prepared, folder: str, info: RunInfo | Non
     outcome (finished) and the MLflow run id; raises for a run that did not finish."""
     from . import tracking
 
-    resources, started_here = _init_ray(cfg.max_failures)
+    # MLflow's first use of a store creates its tables (seconds of CPU): done while Ray starts.
+    with ThreadPoolExecutor(1, thread_name_prefix="rso-mlflow") as pool:
+        store = pool.submit(tracking.open_store, cfg.mlflow_tracking_uri)
+        resources, started_here = _init_ray(cfg.max_failures)
+        store.result()
     place = place_workers(cfg, wait_for_workers(cfg, resources, started_here))
     run_id = tracking.start_run(
         cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,

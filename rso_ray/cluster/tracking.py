@@ -26,6 +26,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int, *, force: bool = False) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+    def record_resize(self, note: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -44,6 +45,9 @@ class NullTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         pass
 
+    def record_resize(self, note: str) -> None:
+        pass
+
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
@@ -52,6 +56,11 @@ def _client(tracking_uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def open_store(tracking_uri: str) -> None:
+    """Import MLflow and open the tracking store (a new SQLite store creates its tables here)."""
+    _client(tracking_uri).search_experiments(max_results=1)
 
 
 def start_run(
@@ -143,6 +152,12 @@ class MlflowTracker:
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def record_resize(self, note: str) -> None:
+        """A worker-group resize (elastic, or a node lost): tags rso_ray.resizes (the count) and
+        rso_ray.resize_<k> (where, from how many workers to how many)."""
+        k = int(self.client.get_run(self.run_id).data.tags.get("rso_ray.resizes", "0")) + 1
+        self.set_tags({"rso_ray.resizes": str(k), f"rso_ray.resize_{k}": note})
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

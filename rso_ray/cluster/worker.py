@@ -48,6 +48,7 @@ from ..training.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     prune,
+    read_state,
     restore_newest,
     write_checkpoint,
     write_sharded_checkpoint,
@@ -137,15 +138,20 @@ class WorkerLoop:
         self.faults = FaultPlan(cfg.faults, rank=self.rank, run_dir=rt.run_dir)
         self.progress = Progress()
         self.consumed = ConsumedBlocks()  # the data position: rank 0's record is the run's
+        self.resized_from: int | None = None  # the last group's worker count, when it differs from this one's
         self.attempt = self._count_attempt()
-        resuming = bool(broadcast_object(latest_checkpoint(rt.run_dir) is not None if self.rank == 0 else None))
-        self.trainee = build_trainee(cfg, rt, self.device, self.autocast, init_weights=not resuming)
-        self.restored_from = self._restore() if resuming else None
+        newest: str | None = broadcast_object(latest_checkpoint(rt.run_dir) if self.rank == 0 else None)
+        # Rank 0 starts the data stream first, from the newest checkpoint's position, so that its tokenizers
+        # start and its first batch is read while the model is built and restored.
+        self.feed: DataFeed | None = self._open_feed(newest) if self.rank == 0 else None
+        self.trainee = build_trainee(cfg, rt, self.device, self.autocast, init_weights=newest is None)
+        self.restored_from = self._restore() if newest else None
+        if self.feed is not None and self.restored_from != newest:  # the newest was damaged: an older position
+            self.feed = self._open_feed(None)
         self.trainable_bytes = trainable_bytes(self.trainee.model)  # what DDP all-reduces per step
         if self.world > 1 and cfg.parallelism == "ddp":
             wrap_data_parallel(self.trainee, self.device)
         self.tracker: Tracker = self._open_tracker() if self.rank == 0 else NullTracker()
-        self.feed: DataFeed | None = self._open_feed() if self.rank == 0 else None
         self.notes_shown: list[str] = []
         self.validation: torch.Tensor | None = None  # fetched at the first evaluation
         self.start_step, self.t_start, self.streak = self.progress.step, time.perf_counter(), 0
@@ -176,18 +182,26 @@ class WorkerLoop:
         path, saved = found
         for name, part in self.parts().items():
             part.load_state_dict(saved[name])
-        why = f"restart {self.attempt - 1} after a worker failure" if self.attempt > 1 else "relaunch of the run"
+        before = RunRecord.from_state(saved).world_size
+        if self.attempt == 1 and before != self.world:  # a relaunch on another number of workers
+            self.resized_from = before
+        why = f"restart {self.attempt - 1} after a worker failure or a resize" if self.attempt > 1 else "relaunch of the run"
         self.say(f"resuming at step {self.progress.step} from {path.rsplit('/', 1)[-1]} ({why}; "
                  f"{self.consumed.blocks:,} training blocks already consumed)")
         return path
 
     def _count_attempt(self) -> int:
-        """Worker-group starts of this launch (1 = the first): read and bumped by rank 0, told to all."""
+        """Worker-group starts of this launch (1 = the first): read and bumped by rank 0, told to all. The
+        file also keeps the group's size, so that a restart on another number of workers (an elastic
+        resize, a lost node) is known as one even before the first checkpoint."""
         if self.rank != 0:
             return int(broadcast_object(0))
         uri = storage.join(self.rt.run_dir, f".rso_attempts_{self.rt.launch_id}.json")
-        n = int((storage.read_json(uri) or {}).get("attempts", 0)) + 1
-        storage.write_json(uri, {"attempts": n})
+        before = storage.read_json(uri) or {}
+        n = int(before.get("attempts", 0)) + 1
+        if n > 1 and before.get("world_size") not in (None, self.world):
+            self.resized_from = int(before["world_size"])
+        storage.write_json(uri, {"attempts": n, "world_size": self.world})
         return int(broadcast_object(n))
 
     def _open_tracker(self) -> Tracker:
@@ -197,17 +211,26 @@ class WorkerLoop:
             flatten_params({k: v for k, v in self.cfg.as_options().items() if k not in TEST_OPTIONS})
             | {"vocab_size": self.rt.vocab_size, "data_fingerprint": self.rt.data_fingerprint,
                "trainable_parameters": trainable})
+        if self.resized_from is not None:  # an elastic resize or a lost node: the MLflow run says where
+            note = f"at step {self.progress.step}: {self.resized_from} -> {self.world} workers"
+            tracker.record_resize(note)
+            self.say(f"worker group resized {note}")
         return tracker
 
-    def _open_feed(self) -> DataFeed:
+    def _open_feed(self, checkpoint: str | None) -> DataFeed:
+        """Rank 0's reader of the stream from the data position of ``checkpoint`` (None: the loop's own)."""
+        if checkpoint is not None:
+            self.consumed.load_state_dict(read_state(checkpoint)["data"])
         cfg = self.cfg
         dataset = build_train_dataset(
             self.rt.source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=self.rt.vocab_size,
             seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed, on_bad_line=cfg.on_bad_line,
             data_cpus=cfg.data_cpus, buffer_mb=cfg.data_buffer_mb,
         )
-        return DataFeed.from_dataset(dataset, self.consumed, batch_rows=min(cfg.global_batch_size, 256),
+        feed = DataFeed.from_dataset(dataset, self.consumed, batch_rows=min(cfg.global_batch_size, 256),
                                      files=len(self.rt.source.train))
+        feed.prefetch()
+        return feed
 
     def validation_blocks(self) -> torch.Tensor:
         if self.validation is None:

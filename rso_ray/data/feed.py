@@ -11,9 +11,10 @@ It reads the stream's rows through :func:`packed_rows`, the format's declaration
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -43,29 +44,53 @@ class DataFeed:
         self.empty_units: list[str] = []
         self.notes: list[str] = []  # new bad-line examples and empty files, for rank 0 to print
         self.notes_seen: list[str] = []  # every bad-line example (the first few per file)
+        self._prefetching: threading.Thread | None = None
+        self._first: tuple[str, Any] = ("batch", None)
 
     @classmethod
     def from_dataset(cls, dataset: Any, consumed: ConsumedBlocks, *, batch_rows: int, files: int) -> DataFeed:
         """A feed over a Ray Dataset of packed blocks (read ahead by two batches)."""
         return cls(dataset.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2), consumed, files)
 
+    def prefetch(self) -> None:
+        """Start reading the first batch in a thread (the pipeline starts its tokenizers meanwhile), so that
+        the stream warms up while the caller builds the model; the first take() waits for it."""
+        def first() -> None:
+            try:
+                self._first = ("batch", next(self.iterator))
+            except BaseException as err:  # handed to the reader's thread, raised there
+                self._first = ("error", err)
+
+        self._prefetching = threading.Thread(target=first, name="rso-data-prefetch", daemon=True)
+        self._prefetching.start()
+
     def _next_batch(self) -> dict[str, np.ndarray]:
+        if self._prefetching is not None:
+            self._prefetching.join()
+            self._prefetching, (kind, value) = None, self._first
+            if kind == "batch":
+                return value  # type: ignore[return-value]
+            self._raise(value)
         try:
             return next(self.iterator)
-        except StopIteration:
+        except BaseException as err:
+            self._raise(err)
+
+    def _raise(self, err: BaseException) -> NoReturn:
+        """The reader's error, said in the data's terms where it is the data's fault."""
+        if isinstance(err, StopIteration):
             if self.consumed.blocks + len(self.buffer) == 0:
                 self._no_data()
             raise TrainingDataError(
                 "the training data ran out before the last step: raise --max-epochs or lower --steps"
             ) from None
-        except Exception as err:
-            bad = find_corrupt_record(err)
-            if bad is None:
-                raise  # not the data's fault: a restart may help
-            # The fields, not str(err): Ray's wrapper of the actor's error prints a whole traceback.
-            raise TrainingDataError(f"{bad.path}, line {bad.line}: {bad.reason} (--on-bad-line error)") from None
+        bad = find_corrupt_record(err) if isinstance(err, Exception) else None
+        if bad is None:
+            raise err  # not the data's fault: a restart may help
+        # The fields, not str(err): Ray's wrapper of the actor's error prints a whole traceback.
+        raise TrainingDataError(f"{bad.path}, line {bad.line}: {bad.reason} (--on-bad-line error)") from None
 
-    def _no_data(self) -> None:
+    def _no_data(self) -> NoReturn:
         skipped = sum(self.skipped_lines.values())
         examples = "; ".join(n.removeprefix("skipped a bad line: ") for n in self.notes_seen[:3])
         raise TrainingDataError(

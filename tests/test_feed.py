@@ -1,0 +1,91 @@
+"""Rank 0's reader of the training stream (rso_ray.data.feed.DataFeed) on batches made by the pipeline's own
+writer, without Ray: global batches in stream order, blocks of a newer record skipped, the first batch read
+ahead in a thread, and errors said in the data's terms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from rso_ray.data.embedded_assets import embedded_shards
+from rso_ray.data.feed import DataFeed
+from rso_ray.data.pipeline import ConsumedBlocks, CorruptRecordError, TokenizePackUnits, TrainingDataError
+
+
+def _batches(units: int = 2) -> list[dict[str, np.ndarray]]:
+    fn = TokenizePackUnits("embedded", 64, 8192, blocks_per_batch=50)
+    paths = [str(p) for p in embedded_shards("validation")][:1] * units
+    return [b for i, p in enumerate(paths) for b in fn({"unit": [f"e0/f{i}"], "path": [p], "skip": ["[]"]})]
+
+
+def _blocks(batches: list[dict[str, np.ndarray]]) -> list[tuple[str, int]]:
+    return [(str(u), int(b)) for batch in batches for u, b in zip(batch["unit"], batch["block"], strict=True)]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_batches_follow_the_stream_and_skip_what_a_newer_record_holds(prefetch: bool) -> None:
+    batches = _batches()
+    order = _blocks(batches)
+    consumed = ConsumedBlocks()
+    for unit, block in order[:5]:  # a record newer than the stream: its first 5 blocks were trained
+        consumed.add(unit, block, last=False)
+    feed = DataFeed(iter(batches), consumed, files=2)
+    if prefetch:
+        feed.prefetch()
+    taken = []
+    for _ in range(3):
+        rows = feed.take(7)
+        assert rows.ids.shape == (7, 64) and rows.ids.dtype == np.int32
+        taken += list(zip(rows.units, rows.blocks, strict=True))
+        feed.commit(rows)
+    assert taken == order[5:26]
+    assert consumed.blocks == 5 + 21
+
+
+def _failing(err: BaseException) -> Iterator[dict[str, np.ndarray]]:
+    raise err
+    yield {}  # a generator
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize(("err", "message"), [
+    (StopIteration(), "the training files yield no data"),
+    (RuntimeError(CorruptRecordError("shard.json", 7, "not valid JSON")), r"shard\.json, line 7: not valid JSON \(--on-bad-line error\)"),
+])
+def test_reader_errors_are_said_in_the_datas_terms(prefetch: bool, err: BaseException, message: str) -> None:
+    """Raised in the prefetch thread or in take(), the reader's error reaches the caller the same way."""
+    if isinstance(err, RuntimeError):
+        err.__cause__ = err.args[0]
+    feed = DataFeed(_failing(err) if not isinstance(err, StopIteration) else iter([]), ConsumedBlocks(), files=1)
+    if prefetch:
+        feed.prefetch()
+    with pytest.raises(TrainingDataError, match=message):
+        feed.take(4)
+
+
+def test_an_error_that_is_not_the_datas_goes_through() -> None:
+    feed = DataFeed(_failing(ConnectionError("actor died")), ConsumedBlocks(), files=1)
+    feed.prefetch()
+    with pytest.raises(ConnectionError, match="actor died"):
+        feed.take(1)
+
+
+def test_epochs_estimate_matches_a_whole_file_count(tmp_path) -> None:
+    """epochs_needed reads a sample of the first file and its line count; the whole file gives the same
+    number of epochs for the recipes (the stream ends after 1.25x the budget plus an epoch)."""
+    from rso_ray.cluster.driver import epochs_needed
+    from rso_ray.config import parse_config
+    from rso_ray.data.packing import Packer
+    from rso_ray.data.sources import resolve_source
+    from rso_ray.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    src = resolve_source("embedded")
+    exact = sum(1 for _ in Packer(tok, 256, vocab_size=len(tok)).blocks(src.train[0])) * len(src.train)
+    for steps in (100, 1000, 3000):
+        cfg, _ = parse_config(["--steps", str(steps), "--storage-path", str(tmp_path)])
+        want = int(min(cfg.max_epochs, math.ceil(1.25 * steps * cfg.global_batch_size / exact) + 1))
+        assert epochs_needed(cfg, src, tok, len(tok)) == want
