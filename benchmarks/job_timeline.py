@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {name: [] for name, _ in checkouts}
     for i in range(args.runs):
         for name, path in checkouts:
-            marks, lines, job = launch(Path(path), args.train_args)
+            marks, _lines, job = launch(Path(path), args.train_args)
             row = {"job_s": job, "marks": marks, "phases": dict(zip(PHASES, phases(marks, job), strict=True))}
             results[name].append(row)
             print(f"[timeline] {name} run {i + 1}/{args.runs}: job {job:.1f} s, first step at {marks['first_step']:.1f} s, "
