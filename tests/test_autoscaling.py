@@ -12,7 +12,8 @@ start more than the test allows (max_workers). The head gets 1 CPU. The run asks
 One job, submitted through Ray's job API, goes through what a cloud run meets: the autoscaler starts two
 nodes of the type and the run starts on 2 workers; the type may grow to 3 nodes and the run grows to 3
 workers; one node is then lost (its raylet killed, as a spot reclaim would) and the run goes on with 2
-from its newest complete checkpoint; it finishes with exactly steps x global batch blocks consumed, the
+from its newest complete checkpoint (the run holds at two steps until the test has seen each change, so
+that no timing decides what is tested); it finishes with exactly steps x global batch blocks consumed, the
 loss curve of a run on 2 fixed workers to rounding, the resizes in its MLflow run, and the idle nodes
 are removed after it.
 """
@@ -44,6 +45,9 @@ RESOURCE = f"GPU_{NODE_TYPE}"
 TRAIN = ["--model", "llama-micro", "--steps", "48", "--global-batch-size", "6", "--micro-batch-size", "3",
          "--rank", "16", "--resample-every", "4", "--log-every", "1", "--eval-every", "48", "--eval-tokens", "4096",
          "--lr", "3e-3", "--use-gpu", "false", "--keep-checkpoints", "10", "--max-failures", "-1"]
+# The elastic run holds after these steps until the test releases it (--fault-plan STEP:0:hold), so that
+# the autoscaler's node start (tens of seconds, more on a loaded machine) does not race a 20 s run.
+GROW_AT, SHRINK_AT = 8, 28
 
 
 def fake_cluster_config(cluster_file: Path, *, max_nodes: int, gcs_address: str) -> dict[str, Any]:
@@ -215,6 +219,7 @@ def test_autoscaled_elastic_run_grows_survives_a_lost_node_and_matches_a_fixed_r
         "job", "submit", "--address", fake_cluster.address, "--no-wait", "--submission-id", job, "--",
         "python", "-m", "rso_ray.train", *TRAIN, "--workers", "2:3", "--cpus-per-worker", "0.5",
         "--worker-resources", json.dumps({RESOURCE: 1}), "--elastic-check-s", "2", "--run-name", "elastic",
+        "--fault-plan", f"{GROW_AT}:0:hold,{SHRINK_AT}:0:hold",
         "--storage-path", str(tmp_path / "runs"), "--mlflow-tracking-uri", tracking, retry_s=300)
 
     def logs() -> str:
@@ -233,12 +238,14 @@ def test_autoscaled_elastic_run_grows_survives_a_lost_node_and_matches_a_fixed_r
     run_dir = tmp_path / "runs" / "elastic"
     fake_cluster.allow(3)  # the type may now grow: the autoscaler adds a node, the run grows to it
     _wait("the run growing to 3 workers", started_on(3), 600, logs)
+    (run_dir / f".release_{GROW_AT}").write_text("{}")
     grown_at = int(re.findall(r"worker group resized at step (\d+): 2 -> 3 workers", logs())[-1])
     fake_cluster.allow(2)  # no replacement for the node lost next: the run goes on with fewer workers
     _wait("a checkpoint on 3 workers", lambda: any(json.loads(p.read_text())["run"]["world_size"] == 3
                                                    for p in run_dir.glob("checkpoint_*/state.json")), 600, logs)
     fake_cluster.kill_a_node()
     _wait("the run going on with 2 workers", lambda: "3 -> 2 workers" in logs(), 600, logs)
+    (run_dir / f".release_{SHRINK_AT}").write_text("{}")
     _wait("the job's end", lambda: any(s in status() for s in ("SUCCEEDED", "FAILED", "STOPPED")), 900, logs)
     out = logs()
     assert "SUCCEEDED" in status(), out[-4000:]

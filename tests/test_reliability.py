@@ -160,6 +160,27 @@ def test_fault_plan_is_validated() -> None:
     assert config_from_dict({"fault_plan": "3:1:step,4:0:report"}).faults == ((3, 1, "step"), (4, 0, "report"))
 
 
+def test_a_planned_hold_waits_for_its_release_file_and_only_there(tmp_path: Path, capsys) -> None:
+    import threading
+
+    from rso_ray.cluster.faults import FaultPlan
+
+    plan = FaultPlan(((3, 1, "hold"),), rank=1, run_dir=str(tmp_path))
+    plan.maybe_fire(2, "step")  # another step, another rank, another point: no wait
+    FaultPlan(((3, 1, "hold"),), rank=0, run_dir=str(tmp_path)).maybe_fire(3, "step")
+    plan.maybe_fire(3, "report")
+    assert capsys.readouterr().out == ""
+    release = threading.Timer(1.0, lambda: (tmp_path / ".release_3").write_text("{}"))
+    start = time.monotonic()
+    release.start()
+    plan.maybe_fire(3, "step")
+    assert time.monotonic() - start >= 0.9  # it waited for the file
+    out = capsys.readouterr().out
+    assert f"worker 1 holds at step 3 until {tmp_path / '.release_3'} exists" in out and "released at step 3" in out
+    plan.maybe_fire(3, "step")  # released: a second pass (a relaunch) goes straight on
+    assert capsys.readouterr().out == ""
+
+
 def test_console_filter_drops_ray_noise_and_summarizes_a_dead_worker() -> None:
     """Lines as Ray forwarded them in a 2-worker run with a killed worker (item 13 of issue 9)."""
     from ray._private.ray_logging import WorkerStandardStreamDispatcher

@@ -3,6 +3,10 @@ STEP, at one POINT of the loop, once per run (a marker file in the run folder re
 the restarts it causes).
 
     python -m rso_ray.train --fault-plan 10:1:step     # worker 1 dies after step 10, once
+
+The point ``hold`` pauses instead: worker RANK waits after STEP, each time it gets there (a relaunch or a
+resized worker group included), until the run folder holds a file ``.release_STEP``. An autoscaling test
+uses it to keep a short run going until the autoscaler has acted, instead of racing it.
 """
 
 from __future__ import annotations
@@ -39,3 +43,17 @@ class FaultPlan:
     def maybe_fire(self, step: int, point: str) -> None:
         if self.due(step, point):
             self.fire(step, point)
+        if point == "step":
+            self.hold(step)
+
+    def hold(self, step: int) -> None:
+        """Wait after ``step`` while a hold of this worker is planned there and not yet released."""
+        if (step, self.rank, "hold") not in self.faults:
+            return
+        release = storage.join(self.run_dir, f".release_{step}")
+        if storage.read_json(release) is not None:
+            return
+        print(f"[rso_ray] fault injection: worker {self.rank} holds at step {step} until {release} exists", flush=True)
+        while storage.read_json(release) is None:
+            time.sleep(0.5)
+        print(f"[rso_ray] fault injection: worker {self.rank} released at step {step}", flush=True)

@@ -18,7 +18,7 @@ USE_GPU = ("auto", "true", "false")
 PARALLELISMS = ("ddp", "fsdp")
 EXPORT_HF = ("none", "folder", "mlflow")
 ON_BAD_LINE = ("skip", "error")
-FAULT_POINTS = ("step", "report", "checkpoint")
+FAULT_POINTS = ("step", "report", "checkpoint", "hold")
 # Options that must be positive integers when given (None: the recipe's).
 _POSITIVE_OR_RECIPE = ("steps", "tokens", "global_batch_size", "micro_batch_size", "eval_every", "eval_tokens",
                        "checkpoint_every")
@@ -161,7 +161,8 @@ class TrainOptions:
     fault_plan: str | None = field(default=None, metadata=_help(
         "fault injection for tests: 'STEP:RANK:POINT,...' kills worker RANK (SIGKILL) once per run at STEP, "
         "POINT one of step (after the step), report (just after the report), checkpoint (while rank 0 "
-        "writes it: files written, marker not)", suppress=True))
+        "writes it: files written, marker not), or hold (worker RANK waits after STEP, every time it gets "
+        "there, until the run folder holds a file .release_STEP: a test's way to pace a run against events outside it)", suppress=True))
     nan_loss_from_step: int | None = field(default=None, metadata=_help(
         "fault injection for tests: every step from this one on has a NaN loss (a diverged run)", suppress=True))
 
