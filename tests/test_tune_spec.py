@@ -64,7 +64,7 @@ def test_good_sweep(tmp_path: Path) -> None:
         (("  model: llama-micro", "  model: llama-2b"), r"base: --model: unknown model 'llama-2b'"),
         (("resources: {workers: 1}", "resources: {workers: 1, gpus: 2}"), r"line 10: resources\.gpus: unknown key"),
         (("resources: {workers: 1}", "resources: {workers: 1, max_concurrent_trials: 0}"), r"resources\.max_concurrent_trials: must be an integer >= 1"),
-        (("num_samples: 2", "num_samples: 2\nscheduler: {type: hyperband}"), r"line 10: scheduler\.type: must be asha or fifo"),
+        (("num_samples: 2", "num_samples: 2\nscheduler: {type: hyperband}"), r"line 10: scheduler\.type: must be one of asha, fifo, hyperband_bohb, pbt, pb2; got 'hyperband'"),
         (("num_samples: 2", "num_samples: 2\nscheduler: {type: asha, max_t: 100}"), r"scheduler\.max_t: 100 is more than the trials' 24 steps"),
         (("num_samples: 2", "num_samples: 2\nmetric: accuracy"), r"line 10: metric: must be one of eval_loss, tokens, wall_time"),
         (("num_samples: 2", "num_samples: 2\nmetric: eval_loss\nmode: max"), r"line 11: mode: eval_loss is better when it is lower: mode must be min, got max"),

@@ -50,3 +50,16 @@ def recipe_for(model: str) -> dict[str, Any]:
     return dict(RECIPES.get(model, _HF_RECIPE))
 
 
+
+
+# RSO's subspaces per run at least (short runs): see short_run_interval.
+MIN_SUBSPACES = 10
+
+
+def short_run_interval(interval: int | str, steps: int) -> int | str:
+    """RSO's resample interval when the user gives none: the recipe's, capped so that the run has at least
+    MIN_SUBSPACES subspaces (a 300-step llama-tiny run at the recipe's 100 would train three). A run long
+    enough for the recipe's interval keeps it."""
+    if isinstance(interval, str):
+        return interval
+    return max(1, min(interval, steps // MIN_SUBSPACES))
