@@ -24,7 +24,8 @@ from typing import Any
 
 from ..config import TEST_OPTIONS, RunConfig
 from ..config.options import flag
-from ..training.checkpoint import latest_checkpoint, read_state
+from ..training.checkpoint import MODEL_FILE, latest_checkpoint, read_state
+from ..training.publish import read_manifest
 from ..training.progress import RunRecord
 from .messages import RunInfo
 
@@ -159,4 +160,7 @@ def check_clone(cfg: RunConfig, folder: str, data_fingerprint: str, donor: str) 
     step = int(state["step"])
     if step >= cfg.steps:
         raise ValueError(f"trial {donor}'s checkpoint {newest} is at step {step}: nothing left of {cfg.steps} steps")
-    return Relaunch(step, changes, _schedule_change(RunConfig.from_dict(record.config), cfg, step), clone_of=donor)
+    manifest = read_manifest(newest)
+    digest = manifest.sha256.get(MODEL_FILE, "") if manifest else ""
+    lineage = f"{donor} (MLflow run {record.mlflow_run_id}" + (f", {MODEL_FILE} sha256 {digest}" if digest else "") + ")"
+    return Relaunch(step, changes, _schedule_change(RunConfig.from_dict(record.config), cfg, step), clone_of=lineage)

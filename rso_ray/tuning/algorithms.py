@@ -151,7 +151,8 @@ def check_scheduler(raw: dict[str, Any], search: dict[str, Any], fail: Fail) -> 
         raise fail(("scheduler", "type"), f"must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
     scheduler = _typed("scheduler", kind, SCHEDULERS[kind], raw, fail) | {"type": kind}
     if (search["type"] == "bohb") != (kind == "hyperband_bohb"):
-        raise fail(("scheduler", "type"), "search type bohb and scheduler hyperband_bohb go together (BOHB's model "
+        where = ("scheduler", "type") if "type" in raw else ("search", "type")  # the key the file gives
+        raise fail(where, "search type bohb and scheduler hyperband_bohb go together (BOHB's model "
                                           f"learns from HyperBand's brackets); got search {search['type']}, scheduler {kind}")
     if kind in POPULATION and search["type"] not in ("random", "grid"):
         raise fail(("scheduler", "type"), f"{kind} takes its first population from search type random or grid, not "
@@ -215,13 +216,14 @@ def check_packages(search: dict[str, Any], scheduler: dict[str, Any], fail: Fail
                                           f"pip install 'rso-ray[{extra}]'")
 
 
-def build_search(search: dict[str, Any], metric: str, mode: str) -> Any:
-    """The Ray Tune search algorithm of the ``search:`` section."""
+def build_search(search: dict[str, Any], metric: str, mode: str, max_concurrent: int | None) -> Any:
+    """The Ray Tune search algorithm of the ``search:`` section, running ``max_concurrent`` trials at most."""
     kind, seed = search["type"], search.get("seed")
     if kind in ("grid", "random"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed)
+        # Tune ignores TuneConfig.max_concurrent_trials with a generator of variants: it takes its own.
+        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)
     if kind == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch

@@ -105,6 +105,7 @@ def _tuner(spec: SweepSpec, base: RunConfig, parent: str, tracking_uri: str, exp
     from ray import tune
 
     population = spec.scheduler["type"] in POPULATION
+    concurrent = spec.resources.get("max_concurrent_trials")
     function = population_trial if population else _trial
     trainable = tune.with_parameters(function, spec=spec, parent_run_id=parent, tracking_uri=tracking_uri,
                                      experiment=experiment)
@@ -115,9 +116,9 @@ def _tuner(spec: SweepSpec, base: RunConfig, parent: str, tracking_uri: str, exp
         param_space={d.key: d.to_tune() for d in spec.space},
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-            search_alg=build_search(spec.search, spec.metric, spec.mode),
+            search_alg=build_search(spec.search, spec.metric, spec.mode, concurrent),
             scheduler=build_scheduler(spec.scheduler, spec.space, steps=base.steps, eval_every=base.eval_every),
-            max_concurrent_trials=spec.resources.get("max_concurrent_trials"),
+            max_concurrent_trials=None if spec.search["type"] in ("grid", "random") else concurrent,
         ),
         run_config=tune.RunConfig(name=spec.name, storage_path=_tune_storage(spec.storage_path), verbose=1),
     )
