@@ -215,37 +215,32 @@ def test_pbt_trials_evaluate_and_checkpoint_at_each_perturbation(tmp_path: Path)
     assert default.base_config().checkpoint_every == default.base_config().eval_every == 20  # llama-micro's recipe
 
 
-def test_tune_objects_of_each_search_and_scheduler(tmp_path: Path) -> None:
-    """Every search and scheduler the schema allows is built (no Ray instance needed), with its settings."""
-    from ray.tune.schedulers import ASHAScheduler, HyperBandForBOHB, PopulationBasedTraining
-    from ray.tune.schedulers.pb2 import PB2
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.bohb import TuneBOHB
-    from ray.tune.search.hyperopt import HyperOptSearch
-    from ray.tune.search.optuna import OptunaSearch
+CHOICE = GOOD.replace("{grid: [8, 16]}", "{choice: [8, 16]}")
 
+
+@pytest.mark.parametrize(("text", "needs", "search_name", "scheduler_name"), [
+    (GOOD, None, "BasicVariantGenerator", "AsyncHyperBandScheduler"),
+    (CHOICE + "search: {type: optuna, seed: 3, n_startup_trials: 4}\n", "optuna", "OptunaSearch", "AsyncHyperBandScheduler"),
+    (CHOICE + "search: {type: hyperopt, n_initial_points: 5}\n", "hyperopt", "HyperOptSearch", "AsyncHyperBandScheduler"),
+    (CHOICE + "search: {type: bohb}\nscheduler: {type: hyperband_bohb}\n", "hpbandster", "TuneBOHB", "HyperBandForBOHB"),
+    (PBT, None, "BasicVariantGenerator", "PopulationBasedTraining"),
+    (PBT.replace("{choice: [8, 16]}", "{randint: [8, 17]}").replace("type: pbt", "type: pb2"), "sklearn",
+     "BasicVariantGenerator", "PB2"),
+])
+def test_tune_objects_of_each_search_and_scheduler(tmp_path: Path, text: str, needs: str | None, search_name: str,
+                                                   scheduler_name: str) -> None:
+    """Every search and scheduler the schema allows is built (no Ray instance needed), with its settings."""
     from rso_ray.tuning.algorithms import build_scheduler, build_search
 
-    cases = [
-        (GOOD, BasicVariantGenerator, ASHAScheduler),
-        (GOOD.replace("{grid: [8, 16]}", "{choice: [8, 16]}") + "search: {type: optuna, seed: 3, n_startup_trials: 4}\n",
-         OptunaSearch, ASHAScheduler),
-        (GOOD.replace("{grid: [8, 16]}", "{choice: [8, 16]}") + "search: {type: hyperopt, n_initial_points: 5}\n",
-         HyperOptSearch, ASHAScheduler),
-        (GOOD.replace("{grid: [8, 16]}", "{choice: [8, 16]}") + "search: {type: bohb}\nscheduler: {type: hyperband_bohb}\n",
-         TuneBOHB, HyperBandForBOHB),
-        (PBT, BasicVariantGenerator, PopulationBasedTraining),
-        (PBT.replace("{choice: [8, 16]}", "{randint: [8, 17]}").replace("type: pbt", "type: pb2"),
-         BasicVariantGenerator, PB2),
-    ]
-    for text, search_cls, scheduler_cls in cases:
-        spec = load_sweep(_write(tmp_path, text))
-        base = spec.base_config()
-        assert isinstance(build_search(spec.search, spec.metric, spec.mode, 2), search_cls)
-        scheduler = build_scheduler(spec.scheduler, spec.space, steps=base.steps, eval_every=base.eval_every)
-        assert isinstance(scheduler, scheduler_cls)
-        if isinstance(scheduler, PopulationBasedTraining):
-            assert scheduler._perturbation_interval == 8 and scheduler._time_attr == "step"
+    if needs:
+        pytest.importorskip(needs)  # an optional extra of rso-ray
+    spec = load_sweep(_write(tmp_path, text))
+    base = spec.base_config()
+    assert type(build_search(spec.search, spec.metric, spec.mode, 2)).__name__ == search_name
+    scheduler = build_scheduler(spec.scheduler, spec.space, steps=base.steps, eval_every=base.eval_every)
+    assert type(scheduler).__name__ == scheduler_name
+    if scheduler_name in ("PopulationBasedTraining", "PB2"):
+        assert scheduler._perturbation_interval == 8 and scheduler._time_attr == "step"
 
 
 def test_pbt_explore_stays_inside_the_space_and_keeps_integers(tmp_path: Path) -> None:
