@@ -212,3 +212,21 @@ def test_checkpoints_follow_the_first_boundary_at_or_after_each_multiple() -> No
             p.last_checkpoint = step
     assert due == [6, 12, 15, 21]  # the first boundaries at or after 5, 10, 15, 20
     assert Progress.restored({"step": 7, "tokens": 0, "wall_time": 0.0}).last_checkpoint == 7  # older state.json
+
+
+def test_a_sharded_boundary_checkpoint_loads_at_another_rank(tmp_path: Path) -> None:
+    """The DCP format (--parallelism fsdp) keeps B in its shards; at a boundary B is zero and is not read, so a
+    relaunch at another rank loads it (before, DCP refused B's other shape)."""
+    from rso_ray.training.checkpoint import write_sharded_checkpoint
+
+    model = build_model("llama-micro", seed=0)
+    method = build_method(model, MethodConfig(name="rso", rank=8, resample_every=4, total_steps=20))
+    _train(model, method, _batches(4))
+    write_sharded_checkpoint(tmp_path / "c", model=model, method=method, state={"step": 4})
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "rso_B" not in k}
+    model = build_model("llama-micro", seed=0)
+    method = build_method(model, MethodConfig(name="rso", rank=16, resample_every=4, total_steps=20))
+    load_checkpoint(tmp_path / "c", model=model, method=method)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    assert all(b.shape[0] == 16 and not b.any() for b in method.handle.b_parameters())  # type: ignore[attr-defined]

@@ -25,8 +25,8 @@ from typing import Any
 from ..config import TEST_OPTIONS, RunConfig
 from ..config.options import flag
 from ..training.checkpoint import MODEL_FILE, latest_checkpoint, read_state
-from ..training.publish import read_manifest
 from ..training.progress import RunRecord
+from ..training.publish import read_manifest
 from .messages import RunInfo
 
 # Options the saved state depends on, with the reason a change cannot continue the run.
