@@ -230,3 +230,26 @@ def test_a_sharded_boundary_checkpoint_loads_at_another_rank(tmp_path: Path) -> 
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in weights.items())
     assert all(b.shape[0] == 16 and not b.any() for b in method.handle.b_parameters())  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_a_rank_schedule_on_two_ray_workers_recovers_bit_for_bit(micro_config, train_run, ray_local, metric_history,
+                                                                   final_checkpoint, tmp_path: Path) -> None:
+    """Two DDP workers, rank 8 then 16 from the boundary at step 8 (DDP rebuilt over the new B), resample
+    interval 4 then 2 from step 12: a worker killed at step 10 (after the change; the restart builds rank 8
+    and loads rank 16 from the checkpoint at step 8) ends bitwise equal to the uninterrupted run; MLflow logs
+    the rank and length in force."""
+    run = dict(workers="2", rank="8,16@8", resample_every="4,2@12", steps=16, log_every=2, eval_every=16,
+               eval_tokens=4096, max_failures=2, keep_checkpoints=2)
+    ref = micro_config(tmp_path / "ref", run)
+    summary = train_run(ref)
+    cfg = micro_config(tmp_path / "kill", run, fault_plan="10:1:step")
+    train_run(cfg)
+    weights, state = final_checkpoint(cfg)
+    ref_weights, ref_state = final_checkpoint(ref)
+    assert state["step"] == ref_state["step"] == 16 and state["data"] == ref_state["data"]
+    assert [k for k in weights if not torch.equal(weights[k], ref_weights[k])] == []
+    ranks = dict(metric_history(ref, summary["mlflow_run_id"], "rso/rank"))
+    taus = dict(metric_history(ref, summary["mlflow_run_id"], "rso/resample_every"))
+    assert [ranks[s] for s in (2, 6, 8, 10, 16)] == [8, 8, 16, 16, 16]
+    assert [taus[s] for s in (10, 12, 14)] == [4, 2, 2]
