@@ -473,7 +473,7 @@ def _signal_handlers(restore: dict[int, Any] | None = None) -> dict[int, Any]:
 def print_summary(cfg: RunConfig, s: dict[str, Any]) -> None:
     loss = s.get("eval_loss")
     rows = [
-        ["model / method", f"{cfg.model} / {cfg.optimizer}" + (f" (rank {cfg.method.rank}, {cfg.method.projection})" if cfg.optimizer == "rso" else "")],
+        ["model / method", f"{cfg.model} / {cfg.optimizer}" + (f" (rank {cfg.as_options()['rank']}, {cfg.method.projection})" if cfg.optimizer == "rso" else "")],
         ["steps", s.get("steps")],
         ["tokens", f"{s['tokens']:,}" if s.get("tokens") else "-"],
         ["eval loss", f"{loss:.4f}" if loss is not None else "-"],
