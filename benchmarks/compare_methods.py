@@ -37,6 +37,7 @@ from common import add_device_options, device_and_autocast  # benchmarks/common.
 from rso_ray.console import format_table, human_bytes
 from rso_ray.core.memory import measure_step
 from rso_ray.core.methods import MethodConfig, build_method
+from rso_ray.core.schedule import StepSchedule
 from rso_ray.data.embedded_assets import embedded_shards
 from rso_ray.data.packing import BlockStream
 from rso_ray.data.tokenizer import load_tokenizer
@@ -46,8 +47,16 @@ from rso_ray.training.engine import evaluate, train_step
 DEFAULT_LRS = {"rso": [1e-3, 3e-3, 6e-3], "adamw": [1e-3, 3e-3, 6e-3], "galore": [3e-3, 1e-2, 3e-2]}
 # The settings a variant takes from the command line (--rank, --resample-every, --projection) unless it names them.
 COMMAND_DEFAULTS = {"rso": ("rank", "resample_every", "projection"), "galore": ("rank", "resample_every")}
-VARIANT_KEYS = {"rank": int, "projection": str, "resample_every": int, "eta": float, "inner_optimizer": str,
-                "target_lr_scale": float, "inner_state": str, "inner_warmup": int}
+def _int_or_schedule(text: str) -> int | str:
+    """An integer, or RSO's step schedule (``48,96@400``: 48 from step 0, 96 from the first boundary at or
+    after step 400), kept as its text and checked here."""
+    if "@" not in text:
+        return int(text)
+    return str(StepSchedule.parse(text))
+
+
+VARIANT_KEYS = {"rank": _int_or_schedule, "projection": str, "resample_every": _int_or_schedule, "eta": float,
+                "inner_optimizer": str, "target_lr_scale": float, "inner_state": str, "inner_warmup": int}
 
 
 def parse_variants(items: list[str] | None) -> dict[str, tuple[str, dict[str, object]]]:
@@ -130,9 +139,14 @@ def train_runs(args: argparse.Namespace) -> dict:
     train = BlockStream(embedded_shards("train"), tok, args.seq_len, repeat=True).batches(args.batch_size)
 
     runs = []
-    def method_config(label: str, lr: float, total_steps: int) -> MethodConfig:
+    def method_config(label: str, lr: float, total_steps: int, peak: bool = False) -> MethodConfig:
         method, over = variants[label]
         values: dict = dict(rank=args.rank, projection=args.projection, resample_every=args.resample_every) | over
+        for key, later in (("rank", "rank_schedule"), ("resample_every", "resample_schedule")):
+            if isinstance(values[key], str):  # a step schedule
+                schedule = StepSchedule.parse(values[key])
+                # peak: the memory of a step at the schedule's largest value
+                values[key], values[later] = (schedule.largest, ()) if peak else (schedule.first, schedule.later)
         return MethodConfig(name=method, lr=lr, galore_update_proj_gap=values["resample_every"], total_steps=total_steps,
                             seed=args.seed, **values)
 
@@ -160,7 +174,7 @@ def train_runs(args: argparse.Namespace) -> dict:
     ids = torch.from_numpy(next(train)).long().to(device)
     for name in lrs:
         model = build_model(args.model, vocab_size=vocab, seed=args.seed, device=device)
-        method = build_method(model, method_config(name, 1e-3, 10))
+        method = build_method(model, method_config(name, 1e-3, 10, peak=True))
         memory[name] = measure_step(model, method, ids, autocast_dtype=amp).as_dict()
     threads = torch.get_num_threads()
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"

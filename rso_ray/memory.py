@@ -31,6 +31,7 @@ from .console import format_table, human_bytes
 from .core.memory import MemoryBreakdown, default_block_modules, measure_step, paper_estimates
 from .core.methods import METHODS, MethodConfig, build_method
 from .core.projection import PROJECTIONS
+from .core.schedule import StepSchedule
 from .models import build_model, check_model_name, model_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -202,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         "RSO, GaLore and AdamW on the same model and batch.",
     )
     p.add_argument("--model", default="llama-60m", help="llama-micro, llama-tiny, llama-60m ... llama-7b (default llama-60m)")
-    p.add_argument("--rank", type=int, default=128, help="rank r of RSO and GaLore (default 128)")
+    p.add_argument("--rank", default="128", help="rank r of RSO and GaLore (default 128); a step schedule such as "
+                   "32,64@600 (as python -m rso_ray.train takes) is measured at its largest rank, the step's peak")
     p.add_argument("--batch-size", type=int, default=8, help="sequences in the batch (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--methods", nargs="+", default=["adamw", "galore", "rso"], choices=METHODS, help="methods to compare")
@@ -227,10 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank_schedule(text: str) -> StepSchedule:
+    try:
+        return StepSchedule.parse(int(text) if text.strip().lstrip("-").isdigit() else text)
+    except ValueError as err:
+        raise ValueError(f"--rank: {err}") from None
+
+
+def _rank_text(args: argparse.Namespace) -> str:
+    same = args.rank_schedule == str(args.rank)
+    return f"rank {args.rank}" if same else f"rank {args.rank_schedule} (measured at its largest, {args.rank})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_model_name(args.model)
+        schedule = _rank_schedule(args.rank)
+        args.rank, args.rank_schedule = schedule.largest, str(schedule)  # the peak of a run under the schedule
         for name in ("rank", "batch_size", "seq_len"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -255,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main_fsdp(args)
     how = "traced on the meta device (exact bytes, nothing allocated)" if args.device == "meta" else f"run on {args.device}"
     print(
-        f"One training step of {args.model}: {args.batch_size} x {args.seq_len} tokens, rank {args.rank}, "
+        f"One training step of {args.model}: {args.batch_size} x {args.seq_len} tokens, {_rank_text(args)}, "
         f"{args.dtype}, {how}" + (", activation checkpointing" if args.activation_checkpointing else "") + "\n"
     )
     print(report(results))
@@ -295,7 +311,7 @@ def _main_fsdp(args: argparse.Namespace) -> int:
         results[name] = per[args.workers]
         fewest[name] = fewest_workers({n: m for n, m in per.items() if n <= 64}, budget)
     print(f"--parallelism fsdp, {args.workers} workers: one worker's memory in a step of {args.model} "
-          f"({args.batch_size} x {args.seq_len} tokens per micro-batch, rank {args.rank}), bf16-mixed, traced on meta"
+          f"({args.batch_size} x {args.seq_len} tokens per micro-batch, {_rank_text(args)}), bf16-mixed, traced on meta"
           + (", activation checkpointing" if args.activation_checkpointing else "") + "\n")
     print(sharded_report(results, fewest, args.gpu_memory_gib))
     if args.json:

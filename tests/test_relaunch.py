@@ -45,7 +45,7 @@ def _run_folder(tmp: Path, step: int, *extra: str) -> RunConfig:
 @pytest.mark.parametrize(("change", "message"), [
     (["--seq-len", "128", "--rank", "8"], "was trained with --seq-len 256, this launch asks for --seq-len 128: the data "
                                           "position counts blocks of that many tokens"),
-    (["--rank", "8"], "was trained with --rank 16, this launch asks for --rank 8"),
+    (["--optimizer", "galore", "--rank", "8"], "was trained with --optimizer rso, this launch asks for --optimizer galore"),
     (["--global-batch-size", "16"], "was trained with --global-batch-size 8, this launch asks for --global-batch-size 16"),
     (["--seed", "3"], "was trained with --seed 0, this launch asks for --seed 3"),
     (["--optimizer", "adamw"], "was trained with --optimizer rso, this launch asks for --optimizer adamw"),
@@ -86,3 +86,41 @@ def test_allowed_changes_are_reported_with_the_new_schedule(tmp_path: Path) -> N
 def test_a_new_run_is_not_a_relaunch(tmp_path: Path) -> None:
     cfg, _ = parse_config(_args(tmp_path))
     assert check_relaunch(cfg, str(Path(cfg.storage_path) / "r"), None, "x") is None
+
+
+def test_galores_rank_cannot_change_on_a_relaunch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _run_folder(tmp_path, 20, "--optimizer", "galore")
+    assert main(_args(tmp_path, "--steps", "40", "--optimizer", "galore", "--rank", "8")) == 2
+    assert "was trained with --rank 16, this launch asks for --rank 8: the checkpoint holds the method's state in " \
+           "that rank's shape" in capsys.readouterr().err
+
+
+def test_rsos_rank_and_its_schedules_may_change_at_a_boundary_checkpoint(tmp_path: Path) -> None:
+    """RSO's checkpoints are at subspace boundaries (B empty): a relaunch may change the rank or give a rank or
+    subspace-length schedule; the note says what the subspace from the resumed step gets."""
+    _run_folder(tmp_path, 20)
+    folder = str(Path(tmp_path) / "runs" / "r")
+    cfg, _ = parse_config(_args(tmp_path, "--steps", "60", "--rank", "16,32@25", "--resample-every", "10,5@40"))
+    relaunch = check_relaunch(cfg, folder, None, resolve_source(cfg.data).fingerprint())
+    assert relaunch is not None
+    assert relaunch.changes == {"steps": (20, 60), "rank": (16, "16,32@25"), "resample_every": (10, "10,5@40"),
+                                "checkpoint_every": (10, 5)}  # every subspace, the shortest
+    assert "the subspace from step 20" not in relaunch.describe()  # rank 16 and tau 10 at step 20 either way
+    cfg, _ = parse_config(_args(tmp_path, "--steps", "60", "--rank", "8,32@20"))
+    relaunch = check_relaunch(cfg, folder, None, resolve_source(cfg.data).fingerprint())
+    assert relaunch is not None and "the subspace from step 20 has rank 32 (the last launch's schedule: 16)" in relaunch.describe()
+
+
+def test_a_rank_change_inside_a_subspace_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint taken inside a subspace (not one rso_ray writes itself) holds B at its rank."""
+    cfg, _ = parse_config(_args(tmp_path))
+    fingerprint = resolve_source(cfg.data).fingerprint()
+    folder = Path(cfg.storage_path) / cfg.run_name
+    model = build_model(cfg.model, vocab_size=8192, seed=cfg.seed)
+    method = build_method(model, cfg.method)
+    method.inner_steps = 3  # type: ignore[attr-defined]
+    record = RunRecord("mlflow-id", fingerprint, 1, "ddp", cfg.to_dict())
+    write_checkpoint(folder / checkpoint_name(13), model=model, method=method,
+                     state={"step": 13, "progress": Progress(step=13).state_dict(), "data": {}, "run": record.state_dict()})
+    assert main(_args(tmp_path, "--steps", "40", "--rank", "8")) == 2
+    assert "was trained with --rank 16, this launch asks for --rank 8" in capsys.readouterr().err

@@ -75,3 +75,68 @@ def test_smoke_sweep(ray_local, tmp_path: Path) -> None:
     cfg, _ = parse_config(["--config", raw["output"]])  # the best config is a training config
     assert cfg.method.rank == best.values["rank"] and cfg.method.lr == pytest.approx(best.values["lr"])
     assert cfg.model == "llama-micro"
+
+
+def _clone_events(client, run) -> list[tuple[str, int, str, str]]:
+    """(donor trial, step, donor MLflow run, model.pt sha256) of each PBT clone of a trial's MLflow run."""
+    import re
+
+    out = []
+    for k in range(1, int(run.data.tags.get("rso_ray.pbt_clones", "0")) + 1):
+        text = run.data.tags[f"rso_ray.pbt_clone_{k}"]
+        m = re.match(r"cloned trial (\S+) \(MLflow run (\w+), model\.pt sha256 (\w+)\) at step (\d+)", text)
+        assert m, text
+        out.append((m.group(1), int(m.group(4)), m.group(2), m.group(3)))
+    return out
+
+
+def test_pbt_smoke_sweep_exploits_at_a_boundary_with_the_donors_state(ray_local, tmp_path: Path) -> None:
+    """Two llama-micro trials, one at a 50x too small lr: at least one exploit, and the exploiting trial holds
+    the donor's checkpoint (its bytes, written by the donor's run), resumes it (its next checkpoint continues the
+    donor's data position) and records the lineage in MLflow; every trial ends having trained each block of the
+    shared stream exactly once."""
+    import json
+
+    from rso_ray.training.checkpoint import checkpoint_name, read_state
+    from rso_ray.training.publish import read_manifest
+
+    raw = yaml.safe_load((ROOT / "tune_spaces" / "pbt_smoke.yaml").read_text())
+    raw["storage_path"] = str(tmp_path / "runs")
+    raw["output"] = str(tmp_path / "best.yaml")
+    raw["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "pbt"}
+    path = tmp_path / "pbt.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_sweep(path)
+
+    outcomes = run_sweep(spec)
+
+    assert len(outcomes) == 2 and all(o.status == "finished" and o.steps == 32 for o in outcomes), outcomes
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(raw["mlflow"]["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("pbt").experiment_id])
+    trials = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    events = {name: _clone_events(client, r) for name, r in trials.items()}
+    assert any(events.values()), "no exploit happened"
+    folders = {name: tmp_path / "runs" / "pbt_smoke" / name for name in trials}
+    for name, clones in events.items():
+        if not clones:
+            continue
+        donor, step, donor_run, digest = clones[-1]  # the last clone: its copy is still in the trial's folder
+        assert step % 4 == 0 and 0 < step < 32  # a subspace boundary (resample_every 4) with steps left
+        copy = folders[name] / checkpoint_name(step)
+        assert read_manifest(copy).sha256["model.pt"] == digest  # the donor's bytes ...
+        state = read_state(copy)
+        assert state["run"]["mlflow_run_id"] == donor_run == trials[donor].info.run_id  # ... written by the donor
+        assert state["at_boundary"] and state["data"]["blocks"] == step * 8
+        after = read_state(folders[name] / checkpoint_name(step + 8))  # resumed: the trial's own next checkpoint
+        assert after["run"]["mlflow_run_id"] == trials[name].info.run_id and after["data"]["blocks"] == (step + 8) * 8
+        params = trials[name].data.params
+        k = len(clones)
+        changed = {key.split(".", 1)[1] for key in params if key.startswith(f"pbt_clone_{k}.")}
+        assert changed <= {"lr", "target_lr_scale", "rank"} and changed  # explored: only boundary options
+        losses = [m for m in client.get_metric_history(trials[name].info.run_id, "train/loss") if m.step > step]
+        assert losses, "the clone's own branch is logged"
+    finals = [read_state(folders[name] / checkpoint_name(32)) for name in trials]
+    assert all(f["data"]["blocks"] == 32 * 8 for f in finals)
+    assert json.dumps(finals[0]["data"], sort_keys=True) == json.dumps(finals[1]["data"], sort_keys=True)

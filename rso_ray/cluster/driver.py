@@ -32,7 +32,7 @@ from .messages import (
     write_outcome,
     write_run_info,
 )
-from .relaunch import Relaunch, check_relaunch
+from .relaunch import Relaunch, check_clone, check_relaunch
 
 # Ray Data's progress bars and Ray Train's print patch (which logs every print a second time) would drown
 # the progress lines of rank 0.
@@ -398,18 +398,22 @@ def run(
     prepared: Prepared | None = None,
     parent_run_id: str | None = None,
     callbacks: list[Any] | None = None,
+    clone_of: str | None = None,
 ) -> dict[str, Any]:
     """Train; returns the summary (final metrics). The caller turns exceptions into exit codes.
 
     ``parent_run_id`` nests the job's MLflow run under a sweep's run; ``callbacks`` are Ray Train
-    callbacks (a Tune trial passes TuneReportCallback)."""
+    callbacks (a Tune trial passes TuneReportCallback). ``clone_of`` names the PBT trial whose checkpoint
+    the caller copied into this run's folder (rso_ray.tuning.pbt): the stricter checks of a clone apply."""
     from .runlock import RunLock
 
     t0 = time.time()
     prep = prepared or prepare(cfg)
     folder = run_dir(cfg.storage_path, cfg.run_name)
     info = read_run_info(folder)
-    relaunch = check_relaunch(cfg, folder, info, prep.source.fingerprint())  # before Ray: refuse what cannot go on
+    # Before Ray starts: refuse what cannot go on.
+    relaunch = (check_clone(cfg, folder, prep.source.fingerprint(), clone_of) if clone_of
+                else check_relaunch(cfg, folder, info, prep.source.fingerprint()))
     with RunLock(folder):  # one writer per run, taken before Ray starts
         outcome, run_id = _run_locked(cfg, prep, folder, info, relaunch, parent_run_id, callbacks)
     summary = {
@@ -450,9 +454,11 @@ def _run_locked(cfg: RunConfig, prep: Prepared, folder: str, info: RunInfo | Non
             write_run_info(folder, RunInfo(cfg.model, cfg.optimizer, run_id, prep.source.fingerprint(), time.time(),
                                            cfg.to_dict()))
         if relaunch is not None:
-            print(f"[rso_ray] relaunch of run {cfg.run_name} {relaunch.describe()}", flush=True)
+            print(f"[rso_ray] {'run' if relaunch.clone_of else 'relaunch of run'} {cfg.run_name} {relaunch.describe()}",
+                  flush=True)
             tracking.record_relaunch(cfg.mlflow_tracking_uri, run_id, relaunch.describe(),
-                                     {k: now for k, (_, now) in relaunch.changes.items()})
+                                     {k: now for k, (_, now) in relaunch.changes.items()},
+                                     kind="pbt_clone" if relaunch.clone_of else "relaunch")
         outcome = _fit(cfg, prep, folder, run_id, place, callbacks)
         status = "FINISHED" if outcome.status == "finished" else "FAILED"
     except KeyboardInterrupt as err:
@@ -525,7 +531,7 @@ def _signal_handlers(restore: dict[int, Any] | None = None) -> dict[int, Any]:
 def print_summary(cfg: RunConfig, s: dict[str, Any]) -> None:
     loss = s.get("eval_loss")
     rows = [
-        ["model / method", f"{cfg.model} / {cfg.optimizer}" + (f" (rank {cfg.method.rank}, {cfg.method.projection})" if cfg.optimizer == "rso" else "")],
+        ["model / method", f"{cfg.model} / {cfg.optimizer}" + (f" (rank {cfg.as_options()['rank']}, {cfg.method.projection})" if cfg.optimizer == "rso" else "")],
         ["steps", s.get("steps")],
         ["tokens", f"{s['tokens']:,}" if s.get("tokens") else "-"],
         ["eval loss", f"{loss:.4f}" if loss is not None else "-"],

@@ -5,8 +5,13 @@ counted in blocks of seq-len tokens) and the step. Whatever those depend on must
 would not continue exactly (a block of another length reinterprets the position and retrains text; another
 rank or model does not fit the saved state; other data is another run). Those options are refused, naming
 the option and both values. The rest (steps, learning rates and their schedule, evaluation and checkpoint
-cadence, workers, parallelism, precision, RSO's levers) may change: the change is printed and recorded in
-the MLflow run, and the data position stays exact.
+cadence, workers, parallelism, precision, RSO's levers, RSO's rank and their step schedules) may change: the
+change is printed and recorded in the MLflow run, and the data position stays exact. RSO's checkpoints are
+taken at subspace boundaries, where B is empty, so its rank may change there; a schedule is compared by the
+values it gives from the step the run resumes at.
+
+A PBT clone (a sweep's trial resuming another trial's checkpoint, :func:`check_clone`) is stricter: only the
+options that may change at a subspace boundary (:data:`BOUNDARY_OPTIONS`) may differ from the checkpoint's.
 
     python -c "from rso_ray.cluster.relaunch import FIXED; print(sorted(FIXED))"
 """
@@ -19,8 +24,9 @@ from typing import Any
 
 from ..config import TEST_OPTIONS, RunConfig
 from ..config.options import flag
-from ..training.checkpoint import latest_checkpoint, read_state
+from ..training.checkpoint import MODEL_FILE, latest_checkpoint, read_state
 from ..training.progress import RunRecord
+from ..training.publish import read_manifest
 from .messages import RunInfo
 
 # Options the saved state depends on, with the reason a change cannot continue the run.
@@ -33,8 +39,12 @@ FIXED: dict[str, str] = {
     "seed": "the data order and RSO's subspaces are drawn from it",
     "target_modules": "the checkpoint holds the method's state of those layers",
 }
-# The rank is fixed where the saved state has its shape (RSO's B and inner state, GaLore's projected states).
-RANKED = ("rso", "galore")
+# The rank is fixed where the saved state has its shape (GaLore's projected states). RSO's B and inner state
+# are empty at the subspace boundaries its checkpoints are taken at (keep_second's row is repeated r times).
+RANKED = ("galore",)
+# What a PBT clone may change when it resumes another trial's checkpoint: RSO's settings that take effect at a
+# subspace boundary (B merged and empty, its optimizer restarted) and the step sizes, functions of the step.
+BOUNDARY_OPTIONS = ("lr", "target_lr_scale", "rank", "resample_every", "eta", "inner_warmup")
 # Options that say where a run is and how it is watched, not how it trains: never reported as changes.
 _NOT_TRAINING = ("run_name", "storage_path", "mlflow_tracking_uri", "mlflow_experiment", "init_from", "tokens",
                  *TEST_OPTIONS)
@@ -49,11 +59,14 @@ class Relaunch:
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     """option -> (before, now)."""
     schedule: str = ""
-    """How the lr at the next step changed, in words ("" when it did not)."""
+    """How the lr and RSO's rank and subspace length at the next step changed, in words ("" if they did not)."""
+    clone_of: str | None = None
+    """A PBT clone: the trial whose checkpoint it resumes (None for a relaunch of the run itself)."""
 
     def describe(self) -> str:
         changed = ", ".join(f"--{flag(k)} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in self.changes.items())
-        return f"at step {self.step}" + (f": {changed}" if changed else ": no option changed") + (
+        where = f"cloned trial {self.clone_of} at step {self.step}" if self.clone_of else f"at step {self.step}"
+        return where + (f": {changed}" if changed else ": no option changed") + (
             f"; {self.schedule}" if self.schedule else "")
 
 
@@ -77,7 +90,7 @@ def check_relaunch(cfg: RunConfig, folder: str, info: RunInfo | None, data_finge
     if info and not before:  # a folder of an older rso_ray: its info names the model and the method only
         before = {"model": info.model, "optimizer": info.optimizer}
     now = cfg.as_options()
-    _refuse_fixed(cfg, before, now)
+    _refuse_fixed(cfg, before, now, at_boundary=bool(state.get("at_boundary")) if state else True)
     step = int(state["step"]) if state else 0
     if step >= cfg.steps:
         raise ValueError(f"run {cfg.run_name!r} has already trained {step} steps ({newest}); --steps {cfg.steps} "
@@ -88,9 +101,9 @@ def check_relaunch(cfg: RunConfig, folder: str, info: RunInfo | None, data_finge
     return Relaunch(step, changes, schedule)
 
 
-def _refuse_fixed(cfg: RunConfig, before: dict[str, Any], now: dict[str, Any]) -> None:
+def _refuse_fixed(cfg: RunConfig, before: dict[str, Any], now: dict[str, Any], *, at_boundary: bool) -> None:
     fixed = dict(FIXED)
-    if cfg.optimizer in RANKED:
+    if cfg.optimizer in RANKED or not at_boundary:
         fixed["rank"] = "the checkpoint holds the method's state in that rank's shape"
     for key, why in fixed.items():
         if key in before and before[key] != now[key]:
@@ -100,9 +113,54 @@ def _refuse_fixed(cfg: RunConfig, before: dict[str, Any], now: dict[str, Any]) -
 
 
 def _schedule_change(before: RunConfig, now: RunConfig, step: int) -> str:
-    """The lr of the next step under the old and the new settings (the schedule is a function of the step)."""
+    """The lr of the next step, and RSO's rank and subspace length from the resumed step, under the old and
+    the new settings (each a function of the step: the checkpoint is at a subspace boundary)."""
+    said = []
     old = before.method.lr * before.method.schedule()(min(step, before.steps - 1))
     new = now.method.lr * now.method.schedule()(step)
-    if old == new:
-        return ""
-    return f"the lr schedule follows the new settings: step {step + 1} trains at lr {new:.3g} (the last launch's schedule: {old:.3g})"
+    if old != new:
+        said.append(f"the lr schedule follows the new settings: step {step + 1} trains at lr {new:.3g} (the last "
+                    f"launch's schedule: {old:.3g})")
+    if now.optimizer == "rso":
+        for what, of in (("rank", lambda m: m.ranks()), ("subspace length", lambda m: m.intervals())):
+            a, b = of(before.method).at(step), of(now.method).at(step)
+            if a != b:
+                said.append(f"the subspace from step {step} has {what} {b} (the last launch's schedule: {a})")
+    return "; ".join(said)
+
+
+def check_clone(cfg: RunConfig, folder: str, data_fingerprint: str, donor: str) -> Relaunch:
+    """A PBT trial about to resume ``donor``'s checkpoint, copied into its run folder: refuse (ValueError)
+    every difference from the checkpoint's config but the options that may change at a subspace boundary
+    (and where and how the run is watched), naming the option and both values; returns the Relaunch."""
+    newest = latest_checkpoint(folder)
+    if newest is None:
+        raise ValueError(f"trial {cfg.run_name!r} has no checkpoint of trial {donor} in {folder} to resume")
+    state = read_state(newest)
+    record = RunRecord.from_state(state)
+    if record.data_fingerprint and record.data_fingerprint != data_fingerprint:
+        raise ValueError(f"trial {donor} was trained on other data (fingerprint {record.data_fingerprint}, this "
+                         f"trial's --data {cfg.data} gives {data_fingerprint})")
+    if not state.get("at_boundary"):
+        raise ValueError(f"the checkpoint {newest} of trial {donor} is not at a subspace boundary: a clone "
+                         "changes its settings only at one")
+    if not record.config:
+        raise ValueError(f"the checkpoint {newest} of trial {donor} does not record its config")
+    before, now = RunConfig.from_dict(record.config).as_options(), cfg.as_options()
+    changes = {}
+    for key in now:
+        if key in _NOT_TRAINING or before.get(key) == now[key]:
+            continue
+        if key not in BOUNDARY_OPTIONS:
+            why = FIXED.get(key, "it cannot change inside a run")
+            raise ValueError(f"trial {cfg.run_name!r} cannot resume trial {donor}'s checkpoint with --{flag(key)} "
+                             f"{now[key]} (it has {before.get(key)}): {why}; a clone changes only "
+                             f"{', '.join(BOUNDARY_OPTIONS)}")
+        changes[key] = (before.get(key), now[key])
+    step = int(state["step"])
+    if step >= cfg.steps:
+        raise ValueError(f"trial {donor}'s checkpoint {newest} is at step {step}: nothing left of {cfg.steps} steps")
+    manifest = read_manifest(newest)
+    digest = manifest.sha256.get(MODEL_FILE, "") if manifest else ""
+    lineage = f"{donor} (MLflow run {record.mlflow_run_id}" + (f", {MODEL_FILE} sha256 {digest}" if digest else "") + ")"
+    return Relaunch(step, changes, _schedule_change(RunConfig.from_dict(record.config), cfg, step), clone_of=lineage)

@@ -4,7 +4,8 @@ asks "is tracking on?".
 One MLflow run per job: the driver creates it (or finds it again when a run is relaunched under the same
 name) and hands its id to the workers; only rank 0 logs. After a restart from a checkpoint, the steps
 between the checkpoint and the failure are trained again; their metrics were already logged, so the
-tracker skips every step at or below the last one MLflow holds: no step is ever logged twice.
+tracker skips every step at or below the last one MLflow holds: no step is ever logged twice (a PBT trial that
+resumed another trial's checkpoint starts a new branch: only the metrics logged since count).
 
 The default tracking URI is a SQLite file (MLflow 3.17 refuses its plain file store unless
 MLFLOW_ALLOW_FILE_STORE=true); any server URI works too.
@@ -19,6 +20,7 @@ import time
 from typing import Any, Protocol
 
 PARAM_LIMIT = 6000  # MLflow's maximum length of a parameter value
+BRANCH_TAG = "rso_ray.branch_since"  # ms since the epoch: a PBT clone's metrics start again from here
 
 
 class Tracker(Protocol):
@@ -91,16 +93,22 @@ def start_run(
     return str(run.info.run_id)
 
 
-def record_relaunch(tracking_uri: str, run_id: str, description: str, changes: dict[str, Any]) -> int:
+def record_relaunch(tracking_uri: str, run_id: str, description: str, changes: dict[str, Any], *,
+                    kind: str = "relaunch") -> int:
     """A relaunch of the run, in its MLflow run: the tag ``rso_ray.relaunch_<k>`` says where and what changed,
     and each changed option is a parameter ``relaunch_<k>.<option>`` (parameters are immutable: the first
-    launch's stay as they were). Returns k."""
+    launch's stay as they were). Returns k. ``kind`` "pbt_clone": a PBT trial that resumed another trial's
+    checkpoint (its lineage: ``rso_ray.pbt_clone_<k>``, ``pbt_clone_<k>.<option>``); the metrics of the steps
+    it trains again are logged anew (``rso_ray.branch_since``: the time its new branch starts)."""
     from mlflow.entities import Param, RunTag
 
     client = _client(tracking_uri)
-    k = int(client.get_run(run_id).data.tags.get("rso_ray.relaunches", "0")) + 1
-    tags = [RunTag("rso_ray.relaunches", str(k)), RunTag(f"rso_ray.relaunch_{k}", description[:PARAM_LIMIT])]
-    params = [Param(f"relaunch_{k}.{key}", str(value)[:PARAM_LIMIT]) for key, value in changes.items()]
+    count = {"relaunch": "rso_ray.relaunches", "pbt_clone": "rso_ray.pbt_clones"}[kind]
+    k = int(client.get_run(run_id).data.tags.get(count, "0")) + 1
+    tags = [RunTag(count, str(k)), RunTag(f"rso_ray.{kind}_{k}", description[:PARAM_LIMIT])]
+    if kind == "pbt_clone":
+        tags.append(RunTag(BRANCH_TAG, str(int(time.time() * 1000))))
+    params = [Param(f"{kind}_{k}.{key}", str(value)[:PARAM_LIMIT]) for key, value in changes.items()]
     client.log_batch(run_id, params=params, tags=tags)
     return k
 
@@ -119,11 +127,13 @@ class MlflowTracker:
         self._metric, self._param, self._tag = Metric, Param, RunTag
         self.client = _client(tracking_uri)
         self.run_id = run_id
+        # After a PBT clone only the metrics of its own branch count: the steps it trains again are new.
+        since = int(self.client.get_run(run_id).data.tags.get(BRANCH_TAG, "0"))
         floor = -1
         for key in metric_keys_for_floor:
-            history = self.client.get_metric_history(run_id, key)
-            if history:
-                floor = max(floor, max(m.step for m in history))
+            steps = [m.step for m in self.client.get_metric_history(run_id, key) if m.timestamp >= since]
+            if steps:
+                floor = max(floor, max(steps))
         self.resume_floor = floor
 
     def log_params(self, params: dict[str, Any]) -> None:

@@ -149,6 +149,7 @@ class WorkerLoop:
         if self.feed is not None and self.restored_from != newest:  # the newest was damaged: an older position
             self.feed = self._open_feed(None)
         self.trainable_bytes = trainable_bytes(self.trainee.model)  # what DDP all-reduces per step
+        self.parameter_set = self.method.parameter_set
         if self.world > 1 and cfg.parallelism == "ddp":
             wrap_data_parallel(self.trainee, self.device)
         self.tracker: Tracker = self._open_tracker() if self.rank == 0 else NullTracker()
@@ -322,6 +323,11 @@ class WorkerLoop:
         )
         if rows is not None and self.feed is not None:
             self.feed.commit(rows)  # trained on (or skipped as non-finite): consumed either way
+        if t.method.parameter_set != self.parameter_set:  # RSO's rank changed: new B matrices
+            self.parameter_set = t.method.parameter_set
+            if self.world > 1 and cfg.parallelism == "ddp":
+                wrap_data_parallel(t, self.device)  # a new DDP over the new parameters, on every rank alike
+            self.trainable_bytes = trainable_bytes(t.model)
         self.comm_bytes = t.comm.take() if t.comm else 0  # this step's all-reduced bytes (DDP)
         self.gather_bytes = 0
         if t.fsdp_comm is not None:  # FSDP: gradients reduce-scattered, weights all-gathered
@@ -360,7 +366,7 @@ class WorkerLoop:
             "comm/bytes_per_step": float(self.comm_bytes), "comm/all_gather_bytes_per_step": float(self.gather_bytes),
             "comm/trainable_bytes": float(self.trainable_bytes),
             "comm/bytes_per_step_vs_adamw_llama_1b": float(self.rt.llama_1b_comm_ratio),
-        }
+        } | self.method.progress_metrics()
         if self.feed is not None:
             metrics["data/skipped_lines"] = float(sum(self.feed.skipped_lines.values()))
             metrics["data/empty_files"] = float(len(self.feed.empty_units))
@@ -378,7 +384,7 @@ class WorkerLoop:
 
         cfg, p = self.cfg, self.progress
         do_eval = p.step % cfg.eval_every == 0 or last
-        do_ckpt = (p.step % cfg.checkpoint_every == 0 and self.method.at_boundary) or last
+        do_ckpt = (p.checkpoint_due(cfg.checkpoint_every) and self.method.at_boundary) or last
         if last:
             p.merges += int(self.method.finish())  # RSO folds its last partial subspace in
         if do_eval or (do_ckpt and p.last_eval is None):
@@ -422,6 +428,7 @@ class WorkerLoop:
         import ray.train
 
         t, step = self.trainee, self.progress.step
+        self.progress.last_checkpoint = step
         extra: dict[str, float] = {}
         if self.cfg.parallelism == "ddp":  # FSDP ranks hold different shards by design: nothing to compare
             sums = all_gather_object(weights_checksum(t.model, self.device).cpu())

@@ -19,6 +19,8 @@ PARALLELISMS = ("ddp", "fsdp")
 EXPORT_HF = ("none", "folder", "mlflow")
 ON_BAD_LINE = ("skip", "error")
 FAULT_POINTS = ("step", "report", "checkpoint", "hold")
+# Options that take a step schedule (32,64@600) as well as one value: RSO changes them at subspace boundaries.
+SCHEDULED = ("rank", "resample_every")
 # Options that must be positive integers when given (None: the recipe's).
 _POSITIVE_OR_RECIPE = ("steps", "tokens", "global_batch_size", "micro_batch_size", "eval_every", "eval_tokens",
                        "checkpoint_every")
@@ -41,12 +43,16 @@ class TrainOptions:
         "model to pre-train: llama-micro, llama-tiny (default: the offline demo), llama-mini, llama-60m, llama-130m, "
         "llama-350m, llama-1b, llama-7b, or hf:<hub id or local path> for any Hugging Face causal LM config"))
     optimizer: str = field(default="rso", metadata=_help("training method: rso, adamw or galore"))
-    rank: int | None = field(default=None, metadata=_help(
-        "rank r of RSO's subspaces / GaLore's projection (recipe: 128 for 60m, 256 for 130m/350m, 512 for 1b)"))
+    rank: int | str | None = field(default=None, metadata=_help(
+        "rank r of RSO's subspaces / GaLore's projection (recipe: 128 for 60m, 256 for 130m/350m, 512 for 1b); "
+        "RSO also takes a step schedule, e.g. 32,64@600: 32 from step 0, 64 from the first subspace boundary at or "
+        "after step 600"))
     eta: float = field(default=math.inf, metadata=_help(
         "RSO proximal step eta: B's gradient gets B/eta; inf (default) disables the term"))
-    resample_every: int | None = field(default=None, metadata=_help(
-        "RSO: inner steps per subspace (tau); GaLore: steps between projector refreshes (recipe: 200, 500 for 7b)"))
+    resample_every: int | str | None = field(default=None, metadata=_help(
+        "RSO: inner steps per subspace (tau), or a step schedule as for --rank (e.g. 100,50@600); GaLore: steps "
+        "between projector refreshes (recipe: 200, 500 for 7b; RSO: at most a tenth of the run's steps, see "
+        "docs/training.md)"))
     projection: str | None = field(default=None, metadata=_help(
         "RSO projection: haar, gaussian or coordinate (default: the recipe's, coordinate for llama-tiny and "
         "llama-mini; else haar, as in the paper)"))
@@ -186,6 +192,7 @@ class TrainOptions:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"--{flag(name)} must be true or false, got {getattr(self, name)!r}")
         self._check_counts()
+        self._check_schedules()
         self._check_numbers()
         self._check_cluster()
         self._check_algorithm_1()
@@ -207,6 +214,24 @@ class TrainOptions:
         gb, mb = self.global_batch_size, self.micro_batch_size
         if gb is not None and mb is not None and mb > gb:
             raise ValueError(f"--micro-batch-size {mb} is larger than --global-batch-size {gb}")
+
+    def _check_schedules(self) -> None:
+        """--rank and --resample-every: one value (checked with the method's settings) or a step schedule."""
+        from ..core.schedule import StepSchedule
+
+        for name in SCHEDULED:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    StepSchedule.parse(value)
+                except ValueError as err:
+                    raise ValueError(f"--{flag(name)}: {err}") from None
+                if self.optimizer != "rso" and "@" in value:
+                    raise ValueError(f"--{flag(name)} {value}: a step schedule is RSO's (it changes at a subspace "
+                                     f"boundary); --optimizer {self.optimizer} takes one value")
+                if self.parallelism == "fsdp" and "@" in value and name == "rank":
+                    raise ValueError(f"--rank {value}: a rank schedule needs --parallelism ddp (FSDP shards B when "
+                                     "the model is built); under fsdp, relaunch with another --rank at a checkpoint")
 
     def _check_numbers(self) -> None:
         """Real-valued options; NaN fails every comparison, so each check is written to reject it."""

@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .options import TrainOptions, flag
+from .options import SCHEDULED, TrainOptions, flag
 
 OPTION_FIELDS = {f.name: f for f in fields(TrainOptions)}
 # Fault-injection options (hidden from --help): never logged as parameters, searched, or written to a config.
@@ -37,6 +37,8 @@ def _convert(name: str, value: Any, *, source: str) -> Any:
     tp = _base_type(name)
     if value is None:
         return None
+    if name in SCHEDULED and isinstance(value, str) and ("," in value or "@" in value):
+        return value.strip()  # a step schedule, checked by TrainOptions
     try:
         if tp is list:
             if isinstance(value, str):

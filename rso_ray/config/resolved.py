@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ..core.methods import MethodConfig
+from ..core.schedule import StepSchedule
 from .options import TrainOptions, flag, parse_fault_plan, parse_worker_resources, parse_workers
-from .recipes import recipe_for
+from .recipes import recipe_for, short_run_interval
 
 # MethodConfig's field (as its errors name it) -> the option that sets it.
 _OPTION_OF = {"method": "optimizer", "name": "optimizer", "total_steps": "steps", "min_ratio": "min_lr_ratio",
-              "warmup_steps": "warmup_ratio", "galore_update_proj_gap": "resample_every", "update_proj_gap": "resample_every"}
+              "warmup_steps": "warmup_ratio", "galore_update_proj_gap": "resample_every", "update_proj_gap": "resample_every",
+              "rank_schedule": "rank", "resample_schedule": "resample_every"}
 _METHOD_OPTIONS = ("lr", "target_lr_scale", "weight_decay", "min_lr_ratio", "rank", "projection", "eta",
                    "resample_every", "inner_optimizer", "inner_state", "inner_warmup", "target_modules")
 
@@ -140,8 +142,8 @@ class RunConfig:
                if f.name not in ("method", "workers", "worker_resources", "faults")}
         out.update(
             optimizer=m.name, lr=m.lr, target_lr_scale=m.target_lr_scale, weight_decay=m.weight_decay,
-            min_lr_ratio=m.min_lr_ratio, steps=m.total_steps, tokens=None, rank=m.rank, projection=m.projection,
-            eta=m.eta, resample_every=m.resample_every, inner_optimizer=m.inner_optimizer,
+            min_lr_ratio=m.min_lr_ratio, steps=m.total_steps, tokens=None, rank=_option(m.ranks()),
+            projection=m.projection, eta=m.eta, resample_every=_option(m.intervals()), inner_optimizer=m.inner_optimizer,
             inner_state=m.inner_state, inner_warmup=m.inner_warmup, seed=m.seed,
             target_modules=list(m.target_modules) if isinstance(m.target_modules, list) else m.target_modules,
             workers=self.workers_text(),
@@ -177,6 +179,11 @@ class RunConfig:
             "workers": tuple(values["workers"]),
             "faults": tuple(tuple(f) for f in values.get("faults", ())),
         })
+
+
+def _option(schedule: StepSchedule) -> int | str:
+    """A scheduled option as the command line gives it: one value, or the schedule's text."""
+    return schedule.first if schedule.constant else str(schedule)
 
 
 def _method_fields() -> set[str]:
@@ -219,13 +226,16 @@ def _with_recipe(options: TrainOptions) -> dict[str, Any]:
         values["target_lr_scale"] = recipe["target_lr_scale"].get(options.optimizer)
     if values["steps"] is None and values["tokens"] is not None:
         values["steps"] = max(1, -(-values["tokens"] // (values["global_batch_size"] * options.seq_len)))
+    if options.resample_every is None and options.optimizer == "rso":
+        values["resample_every"] = short_run_interval(values["resample_every"], values["steps"])
     if values["run_name"] is None:
         stem = options.model.replace(":", "_").replace("/", "_")
         values["run_name"] = f"{stem}-{options.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
     if values["mlflow_tracking_uri"] is None:
         values["mlflow_tracking_uri"] = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if values["checkpoint_every"] is None:
-        values["checkpoint_every"] = values["resample_every"]
+    if values["checkpoint_every"] is None:  # every subspace (the shortest, under a schedule)
+        intervals = StepSchedule.parse(values["resample_every"])
+        values["checkpoint_every"] = min([intervals.first, *(v for _, v in intervals.later)])
     values["micro_batch_size"] = min(values["micro_batch_size"], values["global_batch_size"])
     values["storage_path"] = _absolute_storage(values["storage_path"])
     return values
@@ -234,9 +244,13 @@ def _with_recipe(options: TrainOptions) -> dict[str, Any]:
 def _method_config(options: TrainOptions, values: dict[str, Any]) -> MethodConfig:
     steps = values["steps"]
     method = {k: values[k] for k in _METHOD_OPTIONS if values[k] is not None}
+    for name, later in (("rank", "rank_schedule"), ("resample_every", "resample_schedule")):
+        if isinstance(method.get(name), str):  # a step schedule (TrainOptions checked its syntax)
+            schedule = StepSchedule.parse(method[name])
+            method[name], method[later] = schedule.first, schedule.later
     try:
         return MethodConfig(name=options.optimizer, total_steps=steps, warmup_steps=int(options.warmup_ratio * steps),
-                            galore_update_proj_gap=values["resample_every"], seed=options.seed, **method)
+                            galore_update_proj_gap=method.get("resample_every", 200), seed=options.seed, **method)
     except (ValueError, TypeError) as err:
         raise ValueError(_as_option_error(str(err))) from None
 

@@ -41,7 +41,7 @@ from .rso import (
     merge_and_unload,
     without_adapters,
 )
-from .schedule import WarmupCosine
+from .schedule import StepSchedule, WarmupCosine
 
 METHODS: tuple[str, ...] = ("rso", "adamw", "galore")
 
@@ -102,7 +102,10 @@ class MethodConfig:
     min_lr_ratio: float = 0.1
     """The cosine decays to this fraction of the peak."""
     rank: int = 128
-    """r of RSO's B / GaLore's projection."""
+    """r of RSO's B / GaLore's projection (RSO: from step 0; see ``rank_schedule``)."""
+    rank_schedule: tuple[tuple[int, int], ...] = ()
+    """RSO: later ranks as (step, rank) pairs, steps increasing: ``--rank 32,64@600`` is rank 32 and
+    ((600, 64),). Each applies from the first subspace boundary at or after its step (B is empty there)."""
     target_modules: str | list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
     """Layers trained by RSO or projected by GaLore (regex or names/suffixes)."""
     projection: str = "haar"
@@ -110,7 +113,9 @@ class MethodConfig:
     eta: float = math.inf
     """RSO: proximal step (B's gradient gets B / eta); inf disables the term."""
     resample_every: int = 200
-    """RSO: inner steps per subspace (tau)."""
+    """RSO: inner steps per subspace (tau), from step 0; see ``resample_schedule``."""
+    resample_schedule: tuple[tuple[int, int], ...] = ()
+    """RSO: later subspace lengths as (step, tau) pairs, applied as ``rank_schedule``'s ranks are."""
     shared_inputs: list[list[str]] = field(default_factory=lambda: [list(g) for g in LLAMA_SHARED_INPUTS])
     """RSO: sibling layers that read the same input and share P."""
     recompute_inputs: bool = True
@@ -149,12 +154,36 @@ class MethodConfig:
         if isinstance(self.inner_warmup, bool) or not isinstance(self.inner_warmup, int) or self.inner_warmup < 0:
             raise ValueError(f"inner_warmup must be an integer >= 0, got {self.inner_warmup!r}")
         self.rso_config()  # rank, projection, eta, tau and targets are checked there, whatever the method
+        self._check_schedules()
         if self.name == "rso":
             cls, _ = resolve_optimizer(self.inner_optimizer)
             if self.inner_state == "keep_second" and not issubclass(cls, torch.optim.Adam | torch.optim.AdamW):
                 raise ValueError(f"inner_state 'keep_second' needs an Adam inner optimizer, not {self.inner_optimizer!r}")
         elif self.name == "galore":
             self.galore_config()
+
+    def _check_schedules(self) -> None:
+        for name in ("rank_schedule", "resample_schedule"):
+            pairs = getattr(self, name)
+            if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+                raise ValueError(f"{name} must be (step, value) pairs, got {pairs!r}")
+            setattr(self, name, tuple((p[0], p[1]) for p in pairs))  # JSON gives lists back
+            if pairs and self.name != "rso":
+                raise ValueError(f"{name} is RSO's (a change at a subspace boundary); {self.name} keeps one value "
+                                 "for the whole run")
+        try:
+            self.ranks()
+            self.intervals()
+        except ValueError as err:
+            raise ValueError(f"rank_schedule or resample_schedule: {err}") from None
+
+    def ranks(self) -> StepSchedule:
+        """RSO's rank over the run: ``rank`` from step 0, then ``rank_schedule``."""
+        return StepSchedule(self.rank, self.rank_schedule)
+
+    def intervals(self) -> StepSchedule:
+        """RSO's subspace length (tau) over the run: ``resample_every`` from step 0, then ``resample_schedule``."""
+        return StepSchedule(self.resample_every, self.resample_schedule)
 
     @property
     def adam_eps(self) -> float:
@@ -214,6 +243,9 @@ class TrainingMethod:
         self.schedule: Callable[[int], float] = config.schedule()
         self.step_count = 0
         self.optimizers: list[Optimizer] = []
+        self.parameter_set = 0
+        """Bumped when the trainable parameters are replaced (RSO's rank schedule): a DDP wrapper built
+        over the old ones must be rebuilt."""
 
     # -- interface used by the training loop -------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -242,6 +274,10 @@ class TrainingMethod:
 
     def _adjust_lr(self) -> None:
         """Per-method change of the scheduled learning rates before a step (none by default)."""
+
+    def progress_metrics(self) -> dict[str, float]:
+        """Method settings in force now, logged with the training metrics (none by default)."""
+        return {}
 
     skip_message = "step skipped"
     """What :meth:`skip_step` does, in words for the progress line."""
@@ -383,28 +419,24 @@ class GaLoreMethod(TrainingMethod):
 
 class RSOMethod(TrainingMethod):
     """Algorithm 1: an inner optimizer on the B matrices, reset every ``resample_every`` steps when
-    W <- W + P B and P is resampled; AdamW with persistent state on the non-target parameters."""
+    W <- W + P B and P is resampled; AdamW with persistent state on the non-target parameters. The rank and
+    the subspace length may follow step schedules (``MethodConfig.ranks()``, ``intervals()``): a subspace
+    takes the values in force at the step it starts at."""
 
     name = "rso"
 
     def __init__(self, model: nn.Module, config: MethodConfig, handle: RSOHandle | None = None):
         super().__init__(model, config)
         self.rso = config.rso_config()
+        self.ranks, self.intervals = config.ranks(), config.intervals()
+        if handle is None:
+            _check_largest_rank(model, config)
         self.handle = handle if handle is not None else apply_rso(model, self.rso)
         self.outer_step = 0
         self.inner_steps = 0
-        cls, defaults = resolve_optimizer(config.inner_optimizer)
-        kwargs: dict[str, Any] = {**defaults, **config.inner_optimizer_kwargs, "lr": config.lr * config.target_scale}
-        if cls in (torch.optim.Adam, torch.optim.AdamW):
-            kwargs.setdefault("betas", config.betas)
-            kwargs.setdefault("eps", config.adam_eps)
-        if "weight_decay" in inspect.signature(cls.__init__).parameters:
-            # The configured decay, 0 included: torch's AdamW would otherwise decay B by its default 0.01.
-            kwargs.setdefault("weight_decay", config.weight_decay)
-        try:
-            self.inner = _with_initial_lr(cls(self.handle.b_parameters(), **kwargs))
-        except TypeError as err:
-            raise ValueError(f"inner optimizer {config.inner_optimizer!r} rejected its arguments {kwargs}: {err}") from err
+        self.tau = self.intervals.first
+        """The length of the current subspace."""
+        self.inner = self._build_inner()
         b_ids = {id(b) for b in self.handle.b_parameters()}
         others = _other_parameters(model, b_ids)
         self.outer: Optimizer | None = None
@@ -417,6 +449,26 @@ class RSOMethod(TrainingMethod):
             )
             self.optimizers.append(self.outer)
 
+    def _build_inner(self) -> Optimizer:
+        config = self.config
+        cls, defaults = resolve_optimizer(config.inner_optimizer)
+        kwargs: dict[str, Any] = {**defaults, **config.inner_optimizer_kwargs, "lr": config.lr * config.target_scale}
+        if cls in (torch.optim.Adam, torch.optim.AdamW):
+            kwargs.setdefault("betas", config.betas)
+            kwargs.setdefault("eps", config.adam_eps)
+        if "weight_decay" in inspect.signature(cls.__init__).parameters:
+            # The configured decay, 0 included: torch's AdamW would otherwise decay B by its default 0.01.
+            kwargs.setdefault("weight_decay", config.weight_decay)
+        try:
+            return _with_initial_lr(cls(self.handle.b_parameters(), **kwargs))
+        except TypeError as err:
+            raise ValueError(f"inner optimizer {config.inner_optimizer!r} rejected its arguments {kwargs}: {err}") from err
+
+    @property
+    def rank(self) -> int:
+        """The rank of the current subspace."""
+        return self.handle.groups[0].rank
+
     def target_parameters(self) -> list[nn.Parameter]:
         return self.handle.b_parameters()
 
@@ -428,13 +480,14 @@ class RSOMethod(TrainingMethod):
                     b.grad.add_(b.detach(), alpha=1.0 / self.rso.eta)
         super().step()
         self.inner_steps += 1
-        if self.inner_steps >= self.rso.resample_every:
+        if self.inner_steps >= self.tau:
             self.end_subspace(merge=True)
             return True
         return False
 
     def end_subspace(self, *, merge: bool) -> None:
-        """Close the current subproblem: merge it into W (or drop it), empty the inner state, draw a new P."""
+        """Close the current subproblem: merge it into W (or drop it), empty the inner state, draw a new P
+        (at the rank and for the length the schedules give the step the next subspace starts at)."""
         if merge:
             self.handle.merge()
         else:
@@ -445,13 +498,43 @@ class RSOMethod(TrainingMethod):
             self.inner.state.clear()  # a fresh Adam for the next subproblem, as Algorithm 1 prescribes
         self.outer_step += 1
         self.inner_steps = 0
-        self.handle.resample(self.outer_step)
+        self._enter_subspace()
+
+    def _enter_subspace(self, saved_rank: int | None = None) -> None:
+        """Rank, length and P of the current subspace, from the step it started at (``saved_rank``: the rank
+        a checkpoint taken inside that subspace holds B in)."""
+        start = self.step_count - self.inner_steps
+        self.tau = self.intervals.at(start)
+        rank = self.ranks.at(start)
+        if self.inner_steps and saved_rank is not None and saved_rank != rank:
+            raise ValueError(f"the subspace that started at step {start} has rank {saved_rank} in the checkpoint "
+                             f"but {rank} in this run's rank schedule {self.ranks}: a rank changes only at a "
+                             "subspace boundary")
+        if rank != self.rank:
+            self._set_rank(rank)
+        self.handle.resample(self.outer_step)  # P is a function of (seed, outer step, group, rank)
+
+    def _set_rank(self, rank: int) -> None:
+        """New (zero) B matrices of ``rank`` rows and a new inner optimizer over them, at a boundary. Under
+        keep_second the kept second moment (the same row in every row of B) and step count carry over."""
+        kept = {name: self.inner.state.get(layer.rso_B) for name, layer in self.handle.layers.items()}
+        self.handle.set_rank(rank)
+        self.inner = self._build_inner()
+        self.optimizers[0] = self.inner
+        self.parameter_set += 1
+        for name, layer in self.handle.layers.items():
+            old = kept[name]
+            if old:
+                self.inner.state[layer.rso_B] = _state_at_rank(old, layer.rso_B)
 
     def _adjust_lr(self) -> None:
         warmup = self.config.inner_warmup
         if warmup > 0 and self.inner_steps < warmup:
             for group in self.inner.param_groups:
                 group["lr"] *= (self.inner_steps + 1) / (warmup + 1)  # steps 0..warmup-1 at 1/(k+1)..k/(k+1)
+
+    def progress_metrics(self) -> dict[str, float]:
+        return {"rso/rank": float(self.rank), "rso/resample_every": float(self.tau)}
 
     def _keep_second_moments(self) -> None:
         """inner_state keep_second: the first moment restarts at 0; the second moment of B (r, n) becomes
@@ -496,22 +579,58 @@ class RSOMethod(TrainingMethod):
         return {k for k in missing if is_adapter_key(k)}
 
     def load_counters(self, state: dict[str, Any]) -> None:
+        """The counters of a checkpoint, then the current subspace's rank, length and P (this run's schedules
+        at the step it started at: a relaunch or a PBT clone may have changed them)."""
         super().load_counters(state)
         self.outer_step = int(state["outer_step"])
         self.inner_steps = int(state["inner_steps"])
-        self.handle.resample(self.outer_step)  # P is a function of (seed, outer step, group)
+        self._enter_subspace(state.get("rank"))
 
     def export_model(self) -> nn.Module:
         return merge_and_unload(self.model)  # W + P B, and the plain nn.Linear back in place
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(outer_step=self.outer_step, inner_steps=self.inner_steps)
+        state.update(outer_step=self.outer_step, inner_steps=self.inner_steps, rank=self.rank)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.load_counters(state)
+        self.load_counters(state)  # first: the rank in force decides the shape of B's optimizer state
+        inner, *rest = state["optimizers"]
+        params = self.handle.b_parameters()
+        inner = dict(inner, state={k: _state_at_rank(v, params[int(k)]) for k, v in inner["state"].items()})
+        super().load_state_dict(dict(state, optimizers=[inner, *rest]))
+
+
+def _state_at_rank(state: dict[str, Any], b: torch.Tensor) -> dict[str, Any]:
+    """B's inner optimizer state fitted to ``b``'s rank. Only at a boundary may it differ, where it holds
+    nothing shaped like B but keep_second's second moment, the same row in every row: that row is
+    repeated r times; the first moment restarts at 0."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] != b.shape[0]:
+            if key == "exp_avg":
+                value = torch.zeros_like(b, dtype=value.dtype)
+            elif key in ("exp_avg_sq", "max_exp_avg_sq"):
+                value = value[:1].expand(b.shape[0], -1).clone()
+            else:
+                raise ValueError(f"B's optimizer state {key!r} has {value.shape[0]} rows, B has {b.shape[0]}: "
+                                 "it cannot change rank")
+        out[key] = value
+    return out
+
+
+def _check_largest_rank(model: nn.Module, config: MethodConfig) -> None:
+    """Every rank of the schedule fits every target layer (apply_rso checks the first)."""
+    ranks = config.ranks()
+    if ranks.constant:
+        return
+    modules = dict(model.named_modules())
+    for name in match_targets(model, config.target_modules):
+        m = modules[name].in_features
+        if ranks.largest > m:
+            raise ValueError(f"rank {ranks.largest} (of the schedule {ranks}) is larger than the input dimension {m} "
+                             f"of layer {name!r}; rank must be between 1 and {m}")
 
 
 METHOD_BUILDERS: dict[str, Callable[[nn.Module, MethodConfig], TrainingMethod]] = {

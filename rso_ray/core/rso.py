@@ -123,6 +123,22 @@ class RSOHandle:
         for group in self.groups:
             group.resample(outer_step, by_group[id(group)].base_layer.weight.device)
 
+    def set_rank(self, rank: int) -> None:
+        """Give every layer a new, zero B of ``rank`` rows (at a subspace boundary, where B is zero anyway);
+        call :meth:`resample` next. B must be a plain parameter: FSDP shards B when the model is built."""
+        from torch.distributed.tensor import DTensor
+
+        for layer in self.layers.values():
+            b = layer.rso_B
+            if isinstance(b, DTensor):
+                raise ValueError("RSO's rank cannot change inside a run under --parallelism fsdp (FSDP shards B "
+                                 "when the model is built): use ddp, or relaunch with the new --rank")
+            layer.rso_B = nn.Parameter(torch.zeros(rank, b.shape[1], device=b.device, dtype=b.dtype),
+                                       requires_grad=b.requires_grad)
+        for group in self.groups:
+            group.rank = rank
+        self.config.rank = rank
+
     @torch.no_grad()
     def merge(self) -> None:
         """W <- W + P B and B <- 0 in every layer."""

@@ -43,3 +43,74 @@ class WarmupCosine:
         return warmup_cosine(
             step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, min_ratio=self.min_ratio
         )
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """An integer setting that changes at given steps, written ``32,64@600``: 32 from step 0, 64 from step
+    600. RSO applies each value at the first subspace boundary at or after its step (a subspace keeps the
+    rank and length it started with), so the value in force is a pure function of the step a subspace
+    starts at, and a checkpoint needs nothing but that step.
+
+        >>> s = StepSchedule.parse("32,64@600,128@900")
+        >>> s.at(599), s.at(600), s.largest, str(s)
+        (32, 64, 128, '32,64@600,128@900')
+    """
+
+    first: int
+    """The value from step 0."""
+    later: tuple[tuple[int, int], ...] = ()
+    """(step, value) pairs, steps increasing and > 0: the value from that step on."""
+
+    def __post_init__(self) -> None:
+        values = [self.first, *(v for _, v in self.later)]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"every value of a step schedule must be a positive integer, got {values}")
+        steps = [s for s, _ in self.later]
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in steps) or steps != sorted(set(steps)) or (
+                steps and steps[0] < 1):
+            raise ValueError(f"the steps of a schedule must be increasing integers > 0, got {steps}")
+
+    @classmethod
+    def parse(cls, text: str | int) -> StepSchedule:
+        """``32``, or ``32,64@600,...``: the first value, then value@step entries in increasing steps."""
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls(text)
+        parts = [p.strip() for p in str(text).split(",")]
+        try:
+            first = int(parts[0])
+            later = []
+            for part in parts[1:]:
+                value, at, step = part.partition("@")
+                if not at:
+                    raise ValueError
+                later.append((int(step), int(value)))
+        except ValueError:
+            raise ValueError(f"{text!r} is not a value or a step schedule such as 32,64@600 (32 from step 0, "
+                             "64 from step 600)") from None
+        return cls(first, tuple(later))
+
+    @classmethod
+    def of(cls, first: int, later: tuple[tuple[int, int], ...] | list[list[int]] = ()) -> StepSchedule:
+        """From a config's first value and its (step, value) pairs (lists, as JSON gives them back)."""
+        return cls(first, tuple((int(s), int(v)) for s, v in later))
+
+    def at(self, step: int) -> int:
+        """The value of the schedule's last entry whose step is at or before ``step``."""
+        value = self.first
+        for start, v in self.later:
+            if start > step:
+                break
+            value = v
+        return value
+
+    @property
+    def largest(self) -> int:
+        return max([self.first, *(v for _, v in self.later)])
+
+    @property
+    def constant(self) -> bool:
+        return not self.later
+
+    def __str__(self) -> str:
+        return ",".join([str(self.first), *(f"{v}@{s}" for s, v in self.later)])

@@ -59,7 +59,7 @@ STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
 __all__ = ["CHECKPOINT_NAME", "COMPLETE_FILE", "MODEL_FILE", "STATE_FILE", "TRAIN_STATE_FILE", "CheckpointDamaged", "checkpoint_name",
-           "checkpoints", "is_complete", "latest_checkpoint", "load_checkpoint", "local_copy", "prune",
+           "checkpoints", "copy_checkpoint", "is_complete", "latest_checkpoint", "load_checkpoint", "local_copy", "prune",
            "read_model_weights", "read_state", "restore_newest", "verify", "write_checkpoint", "write_sharded_checkpoint"]
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")
 
@@ -198,8 +198,10 @@ def load_checkpoint(
 def _load_files(d: Path, state: dict[str, Any], model: nn.Module, method: TrainingMethod,
                 map_location: str | torch.device) -> dict[str, Any]:
     train_state: dict[str, Any] = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    # The counters first: they set the subspace's rank (RSO's rank schedule), which B's shape follows.
+    method.load_counters(train_state["method"])
     if state.get("format") == "dcp":
-        load_dcp(d, model, method, train_state)
+        load_dcp(d, model, method, train_state, at_boundary=bool(state.get("at_boundary")))
         return train_state
     weights = torch.load(d / MODEL_FILE, map_location=map_location, weights_only=True)
     misfit = load_whole_weights(model, method, weights, at_boundary=bool(state.get("at_boundary")))
@@ -260,6 +262,26 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
         if is_complete(path):
             return path
     return None
+
+
+def copy_checkpoint(source: str, run_dir: str) -> str:
+    """A complete checkpoint of another run (a PBT trial's) copied into ``run_dir`` under its own name, by the
+    publisher (staged, checksummed, marker last): the copy is complete or absent. The source's files are
+    checked against their checksums first. Returns the copy's folder."""
+    manifest = read_manifest(source)
+    if manifest is None:
+        raise FileNotFoundError(f"{source} is not a complete checkpoint (deleted, or still being written)")
+    with local_copy(source) as d:
+        damaged = damaged_files(d, manifest)
+        if damaged:
+            raise CheckpointDamaged(f"checkpoint {source} is damaged: {', '.join(damaged)} differ(s) from its checksums")
+
+        def write(folder: Path) -> None:
+            for name in sorted(manifest.sizes):
+                shutil.copyfile(d / name, folder / name)
+
+        target = storage.join(os.fspath(run_dir), os.fspath(source).rstrip("/").rsplit("/", 1)[-1])
+        return Publisher(target, collective=False, step=manifest.step).publish(write)
 
 
 def prune(run_dir: str | os.PathLike[str], keep: int) -> None:

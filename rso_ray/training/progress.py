@@ -21,7 +21,7 @@ class Stateful(Protocol):
 @dataclass
 class Progress:
     """Counters of a run: optimizer steps done, tokens trained on, training wall time, merges, non-finite
-    steps skipped, and the last evaluation's loss."""
+    steps skipped, the last evaluation's loss and the step of the last checkpoint."""
 
     step: int = 0
     tokens: int = 0
@@ -29,6 +29,12 @@ class Progress:
     merges: int = 0
     nonfinite_total: int = 0
     last_eval: float | None = None
+    last_checkpoint: int = 0
+
+    def checkpoint_due(self, every: int) -> bool:
+        """A multiple of ``every`` was passed since the last checkpoint: RSO checkpoints at the first subspace
+        boundary at or after each multiple (the boundaries move when the subspace length changes)."""
+        return self.step // every > self.last_checkpoint // every
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,6 +45,7 @@ class Progress:
         self.merges, self.nonfinite_total = int(state.get("merges", 0)), int(state.get("nonfinite_total", 0))
         last = state.get("last_eval")
         self.last_eval = None if last is None else float(last)
+        self.last_checkpoint = int(state.get("last_checkpoint", self.step))  # older checkpoints: their own step
 
     @classmethod
     def restored(cls, state: dict[str, Any]) -> Progress:

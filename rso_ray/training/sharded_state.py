@@ -78,16 +78,24 @@ def _optimizer_slots(saved: dict[str, Any], method: TrainingMethod, names: dict[
     return optim
 
 
-def load_dcp(folder: Path, model: nn.Module, method: TrainingMethod, train_state: dict[str, Any]) -> None:
-    """A DCP checkpoint into ``model`` (FSDP-sharded on any number of ranks, or whole) and ``method``."""
+def load_dcp(folder: Path, model: nn.Module, method: TrainingMethod, train_state: dict[str, Any], *,
+             at_boundary: bool = False) -> None:
+    """A DCP checkpoint into ``model`` (FSDP-sharded on any number of ranks, or whole) and ``method``. At a
+    subspace boundary RSO's B is zero: it is not read (a relaunch may have changed the rank)."""
     import torch.distributed.checkpoint as dcp
 
     reader = dcp.FileSystemReader(folder)
     names = param_names(model)
     model_sd = unwrap(model).state_dict()
+    skip = method.restorable_keys(list(model_sd)) if at_boundary else set()
+    wanted = {k: v for k, v in model_sd.items() if k not in skip}
     optim = _optimizer_slots(reader.read_metadata().state_dict_metadata, method, names)
-    dcp.load({"model": model_sd, "optim": optim}, storage_reader=reader)
-    unwrap(model).load_state_dict(model_sd)
+    dcp.load({"model": wanted, "optim": optim}, storage_reader=reader)
+    unwrap(model).load_state_dict(wanted, strict=False)
+    with torch.no_grad():
+        for name, p in unwrap(model).named_parameters():
+            if name.replace(CHECKPOINT_WRAPPER_SEGMENT, "") in skip:
+                p.zero_()
     states = []
     for i, (opt, groups) in enumerate(zip(method.optimizers, train_state["param_groups"], strict=True)):
         params = [p for g in opt.param_groups for p in g["params"]]

@@ -1,5 +1,7 @@
 """Run a sweep: every trial is a full rso_ray.train run (a TorchTrainer driven by a Tune trial, with its own
-checkpoints, fault tolerance and MLflow child run); ASHA stops the weak trials early on the eval loss.
+checkpoints, fault tolerance and MLflow child run); the search (rso_ray.tuning.algorithms) picks the trials'
+values, the scheduler stops the weak trials early (ASHA, HyperBand for BOHB) or makes them resume a better
+trial's checkpoint with perturbed values (PBT, PB2: rso_ray.tuning.pbt).
 
 One MLflow parent run per sweep holds the search space, the results table, the best config and a plot of
 the sweep; each trial's run is its child.
@@ -18,6 +20,8 @@ import yaml
 
 from ..config import TEST_OPTIONS, RunConfig, config_from_dict
 from ..console import format_table
+from .algorithms import POPULATION, build_scheduler, build_search
+from .pbt import population_trial
 from .spec import SweepError, SweepSpec, absolute_storage
 
 
@@ -40,14 +44,7 @@ def _trial(config: dict[str, Any], *, spec: SweepSpec, parent_run_id: str, track
 
     from ..cluster.driver import run
 
-    trial_id = tune.get_context().get_trial_id()
-    values = spec.trial_values(config) | {
-        "run_name": f"{spec.name}-{trial_id}",
-        "storage_path": f"{spec.storage_path.rstrip('/')}/{spec.name}",
-        "mlflow_tracking_uri": tracking_uri,
-        "mlflow_experiment": experiment,
-    }
-    cfg = config_from_dict(values, source=f"trial {trial_id}")
+    cfg = spec.trial_config(config, tune.get_context().get_trial_id(), tracking_uri, experiment)
     run(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
 
 
@@ -103,27 +100,25 @@ def run_sweep(spec: SweepSpec) -> list[TrialOutcome]:
 
 
 def _tuner(spec: SweepSpec, base: RunConfig, parent: str, tracking_uri: str, experiment: str) -> Any:
-    """The Tuner of a sweep: one trial per sampled config, each a full training job, under the scheduler."""
+    """The Tuner of a sweep: one trial per sampled config, each a full training job, under the search and
+    the scheduler of the sweep file."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if spec.scheduler["type"] == "asha":
-        scheduler: Any = ASHAScheduler(
-            time_attr="step", max_t=spec.scheduler.get("max_t") or base.steps,
-            reduction_factor=spec.scheduler.get("reduction_factor", 2),
-            grace_period=spec.scheduler.get("grace_period") or base.eval_every or 1,
-        )
-    else:
-        scheduler = FIFOScheduler()
-    trainable = tune.with_parameters(_trial, spec=spec, parent_run_id=parent, tracking_uri=tracking_uri, experiment=experiment)
+    population = spec.scheduler["type"] in POPULATION
+    concurrent = spec.resources.get("max_concurrent_trials")
+    function = population_trial if population else _trial
+    trainable = tune.with_parameters(function, spec=spec, parent_run_id=parent, tracking_uri=tracking_uri,
+                                     experiment=experiment)
     # The trial function only drives a TorchTrainer, whose workers hold the real resources.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     return tune.Tuner(
         trainable,
         param_space={d.key: d.to_tune() for d in spec.space},
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples, scheduler=scheduler,
-            max_concurrent_trials=spec.resources.get("max_concurrent_trials"),
+            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            search_alg=build_search(spec.search, spec.metric, spec.mode, concurrent),
+            scheduler=build_scheduler(spec.scheduler, spec.space, steps=base.steps, eval_every=base.eval_every),
+            max_concurrent_trials=None if spec.search["type"] in ("grid", "random") else concurrent,
         ),
         run_config=tune.RunConfig(name=spec.name, storage_path=_tune_storage(spec.storage_path), verbose=1),
     )

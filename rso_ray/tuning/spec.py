@@ -15,7 +15,10 @@ Schema (every key but ``search_space`` optional)::
     metric: eval_loss                 # eval_loss (default), or tokens / wall_time
     mode: min                         # min or max
     num_samples: 1                    # samples of the random distributions (grids multiply them)
-    scheduler: {type: asha, grace_period: 500, reduction_factor: 2, max_t: null}   # asha or fifo
+    search: {type: random, seed: null}  # grid, random, optuna, hyperopt, bohb (rso_ray/tuning/algorithms.py)
+    scheduler: {type: asha, grace_period: 500, reduction_factor: 2, max_t: null}   # asha, fifo, pbt, pb2,
+                                      # hyperband_bohb; pbt: {perturbation_interval, burn_in_period,
+                                      # quantile_fraction, resample_probability, perturbation_factors, synch}
     resources: {workers: 1, use_gpu: auto, cpus_per_worker: null, data_cpus: 1, max_concurrent_trials: null}
     storage_path: rso_runs            # checkpoints of every trial
     mlflow: {tracking_uri: null, experiment: rso_ray_sweeps}
@@ -33,54 +36,36 @@ from typing import Any
 import yaml
 
 from .. import yaml_loader
-from ..config import OPTION_FIELDS, TEST_OPTIONS, RunConfig, config_from_dict
+from ..config import TEST_OPTIONS, RunConfig, config_from_dict
 from ..models import DEMO_MODELS
+from .algorithms import (
+    DISTRIBUTIONS,
+    POPULATION,
+    Dimension,
+    check_packages,
+    check_scheduler,
+    check_search,
+    check_space,
+    dimension,
+    perturbation_interval,
+)
 
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+__all__ = ["DISTRIBUTIONS", "Dimension", "SweepError", "SweepSpec", "absolute_storage", "load_sweep"]
 METRICS = ("eval_loss", "tokens", "wall_time")
 METRIC_MODES = {"eval_loss": "min", "tokens": "max", "wall_time": "min"}  # the direction in which each is better
 RESOURCE_KEYS = ("workers", "use_gpu", "cpus_per_worker", "data_cpus", "max_concurrent_trials")
-TOP_KEYS = ("name", "base", "search_space", "metric", "mode", "num_samples", "scheduler", "resources",
+TOP_KEYS = ("name", "base", "search_space", "metric", "mode", "num_samples", "search", "scheduler", "resources",
             "storage_path", "mlflow", "output")
-SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
 MLFLOW_KEYS = ("tracking_uri", "experiment")
 # Options a trial owns: set by the sweep itself, never searched or given in base.
 TRIAL_OWNED = ("run_name", "storage_path", "mlflow_tracking_uri", "mlflow_experiment", "workers", "use_gpu",
                "cpus_per_worker", "data_cpus", *TEST_OPTIONS)
+# Under pbt and pb2 the scheduler sets these: each perturbation looks at an evaluation and clones a checkpoint.
+POPULATION_OWNED = ("eval_every", "checkpoint_every")
 
 
 class SweepError(ValueError):
     """A sweep file that does not fit the schema; the message names the file, key and line."""
-
-
-@dataclass
-class Dimension:
-    """One searched option: a Ray Tune distribution over a training option."""
-
-    key: str
-    kind: str
-    args: list[Any]
-
-    def to_tune(self) -> Any:
-        from ray import tune
-
-        if self.kind == "grid":
-            return tune.grid_search(self.args)
-        if self.kind == "choice":
-            return tune.choice(self.args)
-        if self.kind == "uniform":
-            return tune.uniform(*self.args)
-        if self.kind == "loguniform":
-            return tune.loguniform(*self.args)
-        return tune.randint(*self.args)
-
-    def extremes(self) -> list[Any]:
-        """Values that stand for the whole range when checking validity (every value of a list)."""
-        if self.kind in ("grid", "choice"):
-            return list(self.args)
-        if self.kind == "randint":
-            return [self.args[0], self.args[1] - 1]
-        return list(self.args)
 
 
 @dataclass
@@ -92,6 +77,7 @@ class SweepSpec:
     metric: str = "eval_loss"
     mode: str = "min"
     num_samples: int = 1
+    search: dict[str, Any] = field(default_factory=lambda: {"type": "random"})
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
     resources: dict[str, Any] = field(default_factory=dict)
     storage_path: str = "rso_runs"
@@ -106,8 +92,21 @@ class SweepSpec:
     def trial_values(self, sampled: dict[str, Any]) -> dict[str, Any]:
         values = dict(self.base)
         values.update({k: self.resources[k] for k in ("workers", "use_gpu", "cpus_per_worker", "data_cpus") if self.resources.get(k) is not None})
+        if self.scheduler["type"] in POPULATION:  # evaluate and checkpoint at each perturbation
+            every = perturbation_interval(self.scheduler, config_from_dict(values, source=self.path).eval_every)
+            values.update(eval_every=every, checkpoint_every=every)
         values.update(sampled)
         return values
+
+    def trial_config(self, sampled: dict[str, Any], trial_id: str, tracking_uri: str, experiment: str) -> RunConfig:
+        """The training config of one trial: its run folder and MLflow child run are named after it."""
+        values = self.trial_values(sampled) | {
+            "run_name": f"{self.name}-{trial_id}",
+            "storage_path": f"{self.storage_path.rstrip('/')}/{self.name}",
+            "mlflow_tracking_uri": tracking_uri,
+            "mlflow_experiment": experiment,
+        }
+        return config_from_dict(values, source=f"trial {trial_id}")
 
     def grid_size(self) -> int:
         return math.prod(len(d.args) for d in self.space if d.kind == "grid") or 1
@@ -156,14 +155,32 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise fail((str(key),), f"unknown key; allowed: {', '.join(TOP_KEYS)}")
     base = _base(raw, fail)
     metric, mode, num_samples = _objective(raw, fail)
+    search = check_search(_section(raw, "search", None, fail), fail)
+    scheduler = check_scheduler(_section(raw, "scheduler", None, fail), search, fail)
+    space = _space(raw, base, fail)
+    check_space(space, search, scheduler, fail)
+    _check_population_base(base, scheduler, fail)
+    check_packages(search, scheduler, fail)
     spec = SweepSpec(
-        path=str(p), name=str(raw.get("name") or p.stem), base=base, space=_space(raw, base, fail), metric=metric,
-        mode=mode, num_samples=num_samples, scheduler=_scheduler(raw, fail), resources=_resources(raw, fail),
+        path=str(p), name=str(raw.get("name") or p.stem), base=base, space=space, metric=metric, mode=mode,
+        num_samples=num_samples, search=search, scheduler=scheduler, resources=_resources(raw, fail),
         storage_path=absolute_storage(str(raw.get("storage_path") or "rso_runs")),
         mlflow=_section(raw, "mlflow", MLFLOW_KEYS, fail), output=raw.get("output"), lines=lines,
     )
     _check_values(spec, fail)
     return spec
+
+
+def _check_population_base(base: dict[str, Any], scheduler: dict[str, Any], fail: Fail) -> None:
+    kind = scheduler["type"]
+    if kind not in POPULATION:
+        return
+    if base.get("optimizer", "rso") != "rso":
+        raise fail(("base", "optimizer"), f"{kind} perturbs at RSO's subspace boundaries: the optimizer must be rso")
+    for key in POPULATION_OWNED:
+        if key in base:
+            raise fail(("base", key), f"is set by scheduler.perturbation_interval under {kind} (every perturbation "
+                                      "looks at an evaluation and clones a checkpoint taken at that cadence)")
 
 
 def _base(raw: dict[str, Any], fail: Fail) -> dict[str, Any]:
@@ -195,7 +212,7 @@ def _space(raw: dict[str, Any], base: dict[str, Any], fail: Fail) -> list[Dimens
         kind, args = next(iter(spec.items()))
         if kind not in DISTRIBUTIONS:
             raise fail(keys, f"unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
-        space.append(_dimension(k, str(kind), args, lambda msg, keys=keys: fail(keys, msg)))
+        space.append(dimension(k, str(kind), args, lambda msg, keys=keys: fail(keys, msg)))
     return space
 
 
@@ -215,29 +232,16 @@ def _objective(raw: dict[str, Any], fail: Fail) -> tuple[str, str, int]:
     return metric, mode, num_samples
 
 
-def _section(raw: dict[str, Any], name: str, allowed: tuple[str, ...], fail: Fail) -> dict[str, Any]:
+def _section(raw: dict[str, Any], name: str, allowed: tuple[str, ...] | None, fail: Fail) -> dict[str, Any]:
+    """A mapping section of the file; ``allowed``: its keys (None: checked by the section's own schema)."""
     section = raw.get(name) or {}
     if not isinstance(section, dict):
-        raise fail((name,), f"must be a mapping with keys among {', '.join(allowed)}")
+        what = f"keys among {', '.join(allowed)}" if allowed else "a type and its settings"
+        raise fail((name,), f"must be a mapping with {what}")
     for key in section:
-        if key not in allowed:
+        if allowed is not None and key not in allowed:
             raise fail((name, str(key)), f"unknown key; allowed: {', '.join(allowed)}")
-    return dict(section)
-
-
-def _scheduler(raw: dict[str, Any], fail: Fail) -> dict[str, Any]:
-    scheduler = _section(raw, "scheduler", SCHEDULER_KEYS, fail) or {"type": "asha"}
-    scheduler.setdefault("type", "asha")
-    if scheduler["type"] not in ("asha", "fifo"):
-        raise fail(("scheduler", "type"), f"must be asha or fifo; got {scheduler['type']!r}")
-    rf = scheduler.get("reduction_factor", 2)
-    if not isinstance(rf, (int, float)) or isinstance(rf, bool) or rf <= 1:
-        raise fail(("scheduler", "reduction_factor"), f"must be a number > 1; got {rf!r}")
-    for key in ("grace_period", "max_t"):
-        v = scheduler.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise fail(("scheduler", key), f"must be a positive integer (steps); got {v!r}")
-    return scheduler
+    return {str(k): v for k, v in section.items()}
 
 
 def _resources(raw: dict[str, Any], fail: Fail) -> dict[str, Any]:
@@ -252,25 +256,6 @@ def absolute_storage(path: str) -> str:
     """A local storage path made absolute where the sweep is launched: Tune runs each trial in a working
     folder of its own (inside Ray's temporary session folder), where a relative path would land."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def _dimension(key: str, kind: str, args: Any, fail: Any) -> Dimension:
-    if key not in OPTION_FIELDS:
-        raise fail("is not an option of python -m rso_ray.train")
-    if kind in ("grid", "choice"):
-        if not isinstance(args, list) or not args:
-            raise fail(f"{kind} takes a non-empty list of values; got {args!r}")
-        return Dimension(key, kind, args)
-    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
-        raise fail(f"{kind} takes [low, high]; got {args!r}")
-    low, high = args
-    if not low < high:
-        raise fail(f"{kind} needs low < high; got [{low}, {high}]")
-    if kind == "loguniform" and low <= 0:
-        raise fail(f"loguniform needs low > 0; got [{low}, {high}]")
-    if kind == "randint" and not (isinstance(low, int) and isinstance(high, int)):
-        raise fail(f"randint takes integers [low, high); got [{low}, {high}]")
-    return Dimension(key, kind, [low, high])
 
 
 def _check_values(spec: SweepSpec, fail: Any) -> None:
@@ -293,7 +278,7 @@ def _check_values(spec: SweepSpec, fail: Any) -> None:
                                  cfg.method)
             except (ValueError, TypeError) as err:
                 raise fail(keys, f"value {value!r} is not valid: {err}") from None
-    for key in ("max_t", "grace_period"):
+    for key in ("max_t", "grace_period", "perturbation_interval", "burn_in_period"):
         value = spec.scheduler.get(key)
         if value and value > base.steps:
             raise fail(("scheduler", key), f"{value} is more than the trials' {base.steps} steps")
