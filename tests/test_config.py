@@ -15,6 +15,7 @@ from rso_ray.config import (
     RunConfig,
     TrainOptions,
     build_parser,
+    config_from_dict,
     load_config_file,
     parse_config,
     resolve,
@@ -79,6 +80,8 @@ def test_unknown_key_in_file_names_key_and_line(tmp_path: Path) -> None:
         (["--min-lr-ratio", "2"], r"--min-lr-ratio must be in \[0, 1\], got 2.0"),
         (["--workers", "4:2"], "--workers needs 1 <= min <= max, got '4:2'"),
         (["--workers", "two"], "--workers must be a number or min:max"),
+        (["--data-actors", "0"], "--data-actors needs 1 <= min <= max, got '0'"),
+        (["--data-actors", "2:many"], "--data-actors must be a number or min:max"),
         (["--steps", "10", "--tokens", "100"], "give either --steps or --tokens, not both"),
         (["--projection", "sparse"], "--projection must be one of haar, gaussian, coordinate; got 'sparse'"),
         (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16-mixed; got 'fp8'"),
@@ -231,3 +234,11 @@ def test_a_config_file_takes_yaml_booleans_for_word_options(tmp_path: Path) -> N
     f.write_text("export_hf: true\n")
     with pytest.raises(ValueError, match="--export-hf must be one of none, folder, mlflow; got 'true'"):
         parse_config(["--config", str(f)])
+
+
+def test_data_actors_reach_the_pipeline_and_old_configs_read_the_default() -> None:
+    cfg = config_from_dict({"data_actors": "2:16"})
+    assert cfg.data_actor_range() == (2, 16) and config_from_dict({"data_actors": "3"}).data_actor_range() == (3, 3)
+    assert config_from_dict({}).data_actor_range() == (1, 4)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "data_actors"}  # a state.json written before the option
+    assert RunConfig.from_dict(old).data_actor_range() == (1, 4)

@@ -199,10 +199,12 @@ def test_a_missing_search_library_names_the_extra(tmp_path: Path, monkeypatch: p
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hpbandster" else real(name, *a))
+    # Both of bohb's libraries hidden, whatever this environment has installed.
+    hidden = {"hpbandster", "ConfigSpace"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else real(name, *a))
     text = GOOD.replace("{grid: [8, 16]}", "{choice: [8, 16]}").replace(
         "num_samples: 2", "num_samples: 2\nsearch: {type: bohb}\nscheduler: {type: hyperband_bohb, max_t: 24}")
-    with pytest.raises(SweepError, match=r"line 10: search\.type: bohb needs hpbandster, which is not installed: "
+    with pytest.raises(SweepError, match=r"line 10: search\.type: bohb needs hpbandster, ConfigSpace, which are not installed: "
                                          r"pip install 'rso-ray\[bohb\]'"):
         load_sweep(_write(tmp_path, text))
 

@@ -226,7 +226,8 @@ class WorkerLoop:
         dataset = build_train_dataset(
             self.rt.source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=self.rt.vocab_size,
             seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed, on_bad_line=cfg.on_bad_line,
-            data_cpus=cfg.data_cpus, buffer_mb=cfg.data_buffer_mb,
+            concurrency=cfg.data_actor_range(), data_cpus=cfg.data_cpus,
+            buffer_mb=cfg.data_buffer_mb,
         )
         feed = DataFeed.from_dataset(dataset, self.consumed, batch_rows=min(cfg.global_batch_size, 256),
                                      files=len(self.rt.source.train))

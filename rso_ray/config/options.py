@@ -138,6 +138,10 @@ class TrainOptions:
     max_epochs: int = field(default=100, metadata=_help("passes over the training data at most"))
     data_cpus: float = field(default=1.0, metadata=_help(
         "logical CPUs of each tokenizer actor of the data pipeline (default 1; sweeps that share a machine use less)"))
+    data_actors: str = field(default="1:4", metadata=_help(
+        "tokenizer actors of the data pipeline: N, or MIN:MAX for a pool that Ray Data grows while rank 0 "
+        "waits for blocks (default 1:4, about 4 H100s' worth of llama-350m); they run on any node's CPUs and "
+        "the stream's order does not depend on their number (docs/data.md sizes them)"))
     data_buffer_mb: int = field(default=64, metadata=_help(
         "tokenized blocks held ahead of training (object store MiB); the tokenizer pauses when the buffer is "
         "full instead of competing with training for CPUs"))
@@ -248,6 +252,7 @@ class TrainOptions:
 
     def _check_cluster(self) -> None:
         _, most = parse_workers(self.workers)
+        parse_min_max("data_actors", self.data_actors)
         parse_worker_resources(self.worker_resources)
         gb = self.global_batch_size
         if gb is not None and gb < most:
@@ -275,6 +280,11 @@ def _is_positive_int(value: Any) -> bool:
 
 def parse_workers(text: str) -> tuple[int, int]:
     """(min, max) workers of --workers ("2" or "2:8"); equal for a fixed-size run."""
+    return parse_min_max("workers", text)
+
+
+def parse_min_max(name: str, text: str) -> tuple[int, int]:
+    """(min, max) of an option that takes N or MIN:MAX (--workers, --data-actors)."""
     text = str(text).strip()
     try:
         if ":" in text:
@@ -283,9 +293,9 @@ def parse_workers(text: str) -> tuple[int, int]:
         else:
             lo = hi = int(text)
     except ValueError:
-        raise ValueError(f"--workers must be a number or min:max (e.g. 2 or 2:8), got {text!r}") from None
+        raise ValueError(f"--{flag(name)} must be a number or min:max (e.g. 2 or 2:8), got {text!r}") from None
     if lo < 1 or hi < lo:
-        raise ValueError(f"--workers needs 1 <= min <= max, got {text!r}")
+        raise ValueError(f"--{flag(name)} needs 1 <= min <= max, got {text!r}")
     return lo, hi
 
 

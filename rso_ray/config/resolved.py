@@ -17,7 +17,14 @@ from typing import Any
 
 from ..core.methods import MethodConfig
 from ..core.schedule import StepSchedule
-from .options import TrainOptions, flag, parse_fault_plan, parse_worker_resources, parse_workers
+from .options import (
+    TrainOptions,
+    flag,
+    parse_fault_plan,
+    parse_min_max,
+    parse_worker_resources,
+    parse_workers,
+)
 from .recipes import recipe_for, short_run_interval
 
 # MethodConfig's field (as its errors name it) -> the option that sets it.
@@ -82,6 +89,8 @@ class RunConfig:
     """Passes over the training files at most."""
     data_cpus: float
     """Logical CPUs of each tokenizer actor."""
+    data_actors: str
+    """Tokenizer actors: N or MIN:MAX (checked when resolved; :func:`parse_min_max` reads it)."""
     data_buffer_mb: int
     """Tokenized blocks held ahead of training (MiB)."""
     eval_every: int
@@ -125,6 +134,10 @@ class RunConfig:
     @property
     def elastic(self) -> bool:
         return self.workers[0] != self.workers[1]
+
+    def data_actor_range(self) -> tuple[int, int]:
+        """(min, max) tokenizer actors of the data pipeline."""
+        return parse_min_max("data_actors", self.data_actors)
 
     def workers_text(self) -> str:
         lo, hi = self.workers
@@ -172,6 +185,7 @@ class RunConfig:
 
             return resolve(TrainOptions(**{k: v for k, v in values.items() if k in OPTION_FIELDS}))
         known = {f.name for f in fields(cls)}
+        values = {"data_actors": TrainOptions.data_actors} | values  # written before the option existed
         method = dict(values["method"])
         method["betas"] = tuple(method.get("betas", (0.9, 0.999)))
         return cls(**{k: v for k, v in values.items() if k in known} | {

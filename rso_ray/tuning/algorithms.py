@@ -212,7 +212,8 @@ def check_packages(search: dict[str, Any], scheduler: dict[str, Any], fail: Fail
         modules, extra = NEEDS[kind]
         missing = [m for m in modules if importlib.util.find_spec(m) is None]
         if missing:
-            raise fail((section, "type"), f"{kind} needs {', '.join(missing)}, which is not installed: "
+            verb = "is" if len(missing) == 1 else "are"
+            raise fail((section, "type"), f"{kind} needs {', '.join(missing)}, which {verb} not installed: "
                                           f"pip install 'rso-ray[{extra}]'")
 
 
