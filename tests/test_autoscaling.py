@@ -209,6 +209,7 @@ def _losses(tracking: str, run_name: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
 
 
+@pytest.mark.timeout(1500)  # ~10 min on a quiet 2-core machine: a reference run, then nodes started and lost
 def test_autoscaled_elastic_run_grows_survives_a_lost_node_and_matches_a_fixed_run(
         fake_cluster: FakeCluster, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
@@ -231,7 +232,11 @@ def test_autoscaled_elastic_run_grows_survives_a_lost_node_and_matches_a_fixed_r
         return log.read_text(errors="replace") if log.exists() else ""
 
     def status() -> str:
-        return fake_cluster.ray("job", "status", "--address", fake_cluster.address, job)
+        """The job's state as ``ray job status`` prints it: "Status for job 'ID': RUNNING" while it runs, then
+        "Job 'ID' succeeded" (or "failed", "was stopped"), in lower case."""
+        out = fake_cluster.ray("job", "status", "--address", fake_cluster.address, job)
+        end = re.search(rf"Job '{job}' (succeeded|failed|was stopped)", out)
+        return end.group(1).split()[-1].upper() if end else out
 
     def started_on(n: int) -> Callable[[], bool]:
         return lambda: re.search(rf"\] (starting|resuming at step \d+): llama-micro / rso, {n} worker\(s\)", logs()) is not None
