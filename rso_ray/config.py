@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .core.methods import INNER_STATES, METHODS, MethodConfig
+from .core.methods import APOLLO_MINI_RANK, INNER_STATES, METHODS, MethodConfig
+from .core.muon import ADJUST_LR
 from .core.projection import PROJECTIONS
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
@@ -41,18 +42,22 @@ class TrainConfig:
     model: str = field(default="llama-tiny", metadata=_help(
         "model to pre-train: llama-micro, llama-tiny (default: the offline demo), llama-mini, llama-60m, llama-130m, "
         "llama-350m, llama-1b, llama-7b, or hf:<hub id or local path> for any Hugging Face causal LM config"))
-    optimizer: str = field(default="rso", metadata=_help("training method: rso, adamw or galore"))
+    optimizer: str = field(default="rso", metadata=_help(
+        "training method: rso, adamw, galore, apollo, apollo-mini or muon (docs/methods.md says which when)"))
     rank: int | None = field(default=None, metadata=_help(
-        "rank r of RSO's subspaces / GaLore's projection (recipe: 128 for 60m, 256 for 130m/350m, 512 for 1b)"))
+        "rank r of RSO's subspaces / GaLore's and APOLLO's projections (recipe: 128 for 60m, 256 for 130m/350m, "
+        "512 for 1b; APOLLO's scripts: 128 for 60m, else 256; apollo-mini: 1)"))
     eta: float = field(default=math.inf, metadata=_help(
         "RSO proximal step eta: B's gradient gets B/eta; inf (default) disables the term"))
     resample_every: int | None = field(default=None, metadata=_help(
-        "RSO: inner steps per subspace (tau); GaLore: steps between projector refreshes (recipe: 200, 500 for 7b)"))
+        "RSO: inner steps per subspace (tau); GaLore and APOLLO: steps between projector refreshes (recipe: 200, "
+        "500 for 7b)"))
     projection: str | None = field(default=None, metadata=_help(
         "RSO projection: haar, gaussian or coordinate (default: the recipe's, coordinate for llama-tiny and "
         "llama-mini; else haar, as in the paper)"))
     inner_optimizer: str = field(default="adam", metadata=_help(
-        "RSO inner optimizer of B: adam (default), adamw, sgd (momentum 0.9), any torch.optim class name"))
+        "RSO inner optimizer of B: adam (default), adamw, sgd (momentum 0.9), muon (B's update orthogonalized inside "
+        "the subspace, lr adjusted to AdamW's update RMS), any torch.optim class name"))
     inner_state: str = field(default="reset", metadata=_help(
         "RSO: what B's Adam keeps at a resample: reset (Algorithm 1) or keep_second (its step count and the "
         "row mean of its second moment per column of B; the first moment restarts)"))
@@ -72,11 +77,22 @@ class TrainConfig:
         "(--model hf:<folder>) unless --model names one, which must match it; --tokenizer defaults to its tokenizer"))
     # -- optimization ------------------------------------------------------------------------------
     lr: float | None = field(default=None, metadata=_help(
-        "peak learning rate (default: 1e-3 for adamw, 1e-2 for galore as in its scripts, see the recipe for rso)"))
+        "peak learning rate (default: 1e-3 for adamw and muon, 1e-2 for galore and apollo as in their scripts, see "
+        "the recipe for rso)"))
     target_lr_scale: float | None = field(default=None, metadata=_help(
         "the target layers' lr as a fraction of --lr, which the embeddings, norms and lm_head keep: RSO's lr "
         "of B, AdamW's of the block linears, GaLore's scale (default: the recipe's, else 0.25 for galore as "
         "in its scripts and 1 for rso, Algorithm 1's single lr, and adamw)"))
+    apollo_scale: float | None = field(default=None, metadata=_help(
+        "APOLLO's scale: its update is multiplied by the square root (default: 1 for apollo, 128 for apollo-mini, "
+        "as in the APOLLO scripts)"))
+    apollo_scale_type: str | None = field(default=None, metadata=_help(
+        "APOLLO's scaling factors: channel (one per row or column) or tensor (one per matrix) (default: channel for "
+        "apollo, tensor for apollo-mini)"))
+    muon_adjust_lr: str = field(default="match_rms_adamw", metadata=_help(
+        "Muon's lr adjustment (torch.optim.Muon's adjust_lr_fn): match_rms_adamw (default: lr x 0.2 sqrt(max(rows, "
+        "cols)), an update of AdamW's RMS, so --lr means what it means for AdamW) or original (lr x sqrt(max(1, "
+        "rows/cols)), Keller Jordan's; its lrs are ~5/sqrt(max(rows, cols)) times larger)"))
     warmup_ratio: float = field(default=0.1, metadata=_help("fraction of steps of linear warmup (default 0.1)"))
     min_lr_ratio: float = field(default=0.1, metadata=_help("the cosine ends at this fraction of the peak (default 0.1)"))
     weight_decay: float = field(default=0.0, metadata=_help(
@@ -188,6 +204,11 @@ class TrainConfig:
             raise ValueError(f"--activation-checkpointing must be true or false, got {self.activation_checkpointing!r}")
         _choice("on_bad_line", self.on_bad_line, ("skip", "error"))
         _choice("inner_state", self.inner_state, INNER_STATES)
+        _choice("muon_adjust_lr", self.muon_adjust_lr, ADJUST_LR)
+        if self.apollo_scale_type is not None:
+            _choice("apollo_scale_type", self.apollo_scale_type, ("channel", "tensor"))
+        if self.apollo_scale is not None and not (self.apollo_scale > 0 and math.isfinite(self.apollo_scale)):
+            raise ValueError(f"--apollo-scale must be a positive finite number, got {self.apollo_scale!r}")
         warmup = self.inner_warmup
         if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
             raise ValueError(f"--inner-warmup must be an integer >= 0, got {self.inner_warmup!r}")
@@ -303,6 +324,8 @@ class TrainConfig:
         """A copy with every ``None`` filled from the model's recipe (see RECIPES)."""
         recipe = recipe_for(self.model)
         values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if values["rank"] is None:  # APOLLO's published ranks are not RSO's and GaLore's
+            values["rank"] = {"apollo": recipe.get("apollo_rank"), "apollo-mini": APOLLO_MINI_RANK}.get(self.optimizer)
         for key, value in recipe.items():
             if key in ("lr", "target_lr_scale") or (key == "steps" and values["tokens"] is not None):
                 continue
@@ -357,6 +380,10 @@ class TrainConfig:
             inner_state=self.inner_state,
             inner_warmup=self.inner_warmup or 0,
             galore_update_proj_gap=self.resample_every,
+            apollo_update_proj_gap=self.resample_every,
+            apollo_scale=self.apollo_scale,
+            apollo_scale_type=self.apollo_scale_type,
+            muon_adjust_lr=self.muon_adjust_lr,
             seed=self.seed,
             **kwargs,
         )
@@ -376,26 +403,38 @@ class TrainConfig:
 # levers with lr 6e-3, the best of a 3e-3 / 6e-3 / 1e-2 grid for each of AdamW, GaLore r48 and RSO r48 (inside
 # the grid for all three: RSO 1.015 of AdamW, 1.019 on a second seed; 1.004 of GaLore r48). --algorithm-1 is the
 # paper's Algorithm 1 (with_recipe).
-_TINY_LR: dict[str, Any] = dict(lr={"rso": 1e-2, "adamw": 1e-2, "galore": 1e-2},
+# APOLLO, APOLLO-Mini and Muon: the APOLLO scripts' lr 1e-2 and ranks (128 for 60m, 256 for the larger models, 1 for
+# APOLLO-Mini; r/d = 1/4 for the small models, as at 60m and 350m), scale 1 (APOLLO) / 128 (APOLLO-Mini) and
+# projection refresh every 200 steps; Muon at AdamW's lr (with the match_rms_adamw adjustment AdamW's lr carries
+# over, Moonshot). On llama-tiny and llama-micro these lrs are not tuned.
+_NEW_LR = {"apollo": 1e-2, "apollo-mini": 1e-2}
+_TINY_LR: dict[str, Any] = dict(lr={"rso": 1e-2, "adamw": 1e-2, "galore": 1e-2, **_NEW_LR, "muon": 1e-2},
                                 target_lr_scale={"rso": 0.25, "adamw": 0.125, "galore": 0.25}, inner_warmup=10,
                                 projection="coordinate")
 _PAPER = dict(global_batch_size=512, resample_every=200, eval_every=1000, eval_tokens=10_000_000)
 RECIPES: dict[str, dict[str, Any]] = {
     "llama-micro": dict(steps=40, rank=16, global_batch_size=8, micro_batch_size=8, resample_every=10,
-                        eval_every=20, eval_tokens=8192, lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2}),
+                        eval_every=20, eval_tokens=8192, apollo_rank=16,
+                        lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2, **_NEW_LR, "muon": 3e-3}),
     "llama-tiny": dict(steps=100, rank=64, global_batch_size=16, micro_batch_size=16, resample_every=50,
-                       eval_every=50, eval_tokens=65536, **_TINY_LR),
+                       eval_every=50, eval_tokens=65536, apollo_rank=32, **_TINY_LR),
     "llama-mini": dict(steps=1000, rank=48, global_batch_size=16, micro_batch_size=16, resample_every=100,
-                       eval_every=100, eval_tokens=65536,
-                       **(_TINY_LR | dict(lr={"rso": 6e-3, "adamw": 6e-3, "galore": 6e-3}))),
-    "llama-60m": dict(_PAPER, steps=10_000, rank=128, micro_batch_size=128, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
-    "llama-130m": dict(_PAPER, steps=20_000, rank=256, micro_batch_size=64, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
-    "llama-350m": dict(_PAPER, steps=60_000, rank=256, micro_batch_size=32, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
-    "llama-1b": dict(_PAPER, steps=100_000, rank=512, micro_batch_size=16, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
+                       eval_every=100, eval_tokens=65536, apollo_rank=48,
+                       **(_TINY_LR | dict(lr={"rso": 6e-3, "adamw": 6e-3, "galore": 6e-3, "apollo": 6e-3,
+                                              "apollo-mini": 6e-3, "muon": 6e-3}))),
+    "llama-60m": dict(_PAPER, steps=10_000, rank=128, micro_batch_size=128, apollo_rank=128,
+                      lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3}),
+    "llama-130m": dict(_PAPER, steps=20_000, rank=256, micro_batch_size=64, apollo_rank=256,
+                       lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3}),
+    "llama-350m": dict(_PAPER, steps=60_000, rank=256, micro_batch_size=32, apollo_rank=256,
+                       lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3}),
+    "llama-1b": dict(_PAPER, steps=100_000, rank=512, micro_batch_size=16, apollo_rank=256,
+                     lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3}),
     "llama-7b": dict(_PAPER, steps=150_000, rank=1024, micro_batch_size=4, resample_every=500, max_grad_norm=1.0,
-                     lr={"rso": 5e-3, "adamw": 1e-3, "galore": 5e-3}),
+                     apollo_rank=256, lr={"rso": 5e-3, "adamw": 1e-3, "galore": 5e-3, **_NEW_LR, "muon": 1e-3}),
 }
-_HF_RECIPE = dict(_PAPER, steps=10_000, rank=128, micro_batch_size=16, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2})
+_HF_RECIPE = dict(_PAPER, steps=10_000, rank=128, micro_batch_size=16, apollo_rank=128,
+                  lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3})
 
 
 def recipe_for(model: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ squares over the whole tensor: one all-reduce of one or two numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,18 +88,20 @@ class ApolloConfig:
 
 
 def apollo_projection(
-    shape: tuple[int, int], rank: int, *, seed: int, refresh: int, key: int, device: torch.device | str = "cpu"
+    shape: tuple[int, int], rank: int, *, seed: int, refresh: int, key: int, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """P for a (rows x cols) gradient: (rank x cols) if rows >= cols, else (rows x rank); N(0, 1/rank)
     entries drawn in float32 from a CPU generator seeded by (seed, refresh, key), as apollo-torch draws
-    its P (``stable_randn(...) / sqrt(rank)``) from its own seed chain."""
+    its P (``stable_randn(...) / sqrt(rank)``, float32, then cast to the gradient's dtype) from its own
+    seed chain."""
     rows, cols = shape
     size = (rank, cols) if rows >= cols else (rows, rank)
     device = torch.device(device)
     if device.type == "meta":  # shape-only tracing (memory accounting)
-        return torch.empty(size, device=device)
+        return torch.empty(size, device=device, dtype=dtype)
     gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, refresh, key))
-    return (torch.randn(size, generator=gen, dtype=torch.float32) / math.sqrt(rank)).to(device)
+    return (torch.randn(size, generator=gen, dtype=torch.float32) / math.sqrt(rank)).to(device=device, dtype=dtype)
 
 
 class ApolloAdamW(Optimizer):
@@ -128,17 +130,17 @@ class ApolloAdamW(Optimizer):
         # P of each projected parameter, (refresh index, P): a cache, not state; rebuilt from the seed.
         self._projections: dict[int, tuple[int, torch.Tensor]] = {}
 
-    def projection_tensors(self, params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def projection_tensors(self, params: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The P's held now (memory accounting: they live as long as the optimizer)."""
         keep = None if params is None else {id(p) for p in params}
         return [t for pid, (_, t) in self._projections.items() if keep is None or pid in keep]
 
-    def _projection(self, p: torch.Tensor, group: dict[str, Any], refresh: int, device: torch.device) -> torch.Tensor:
+    def _projection(self, p: torch.Tensor, group: dict[str, Any], refresh: int, grad: torch.Tensor) -> torch.Tensor:
         cached = self._projections.get(id(p))
         if cached is None or cached[0] != refresh:
             shape = (int(p.shape[0]), int(p.shape[1]))
             matrix = apollo_projection(shape, group["rank"], seed=self.seed, refresh=refresh, key=self._keys[id(p)],
-                                       device=device)
+                                       device=grad.device, dtype=grad.dtype)
             cached = (refresh, matrix)
             self._projections[id(p)] = cached
         return cached[1]
@@ -175,10 +177,11 @@ class ApolloAdamW(Optimizer):
 
     def _adamw_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """apollo-torch's AdamW path for the parameters it does not project (elementwise: works on DTensors)."""
-        state = self.state[p]
+        state, grad = self.state[p], p.grad
+        assert grad is not None
         state.setdefault("step", 0)
-        exp_avg, exp_avg_sq = self._moments(state, p.grad)
-        direction, step_size = self._adam_direction(group, state, p.grad, exp_avg, exp_avg_sq)
+        exp_avg, exp_avg_sq = self._moments(state, grad)
+        direction, step_size = self._adam_direction(group, state, grad, exp_avg, exp_avg_sq)
         p.add_(direction, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
@@ -188,54 +191,57 @@ class ApolloAdamW(Optimizer):
         state.setdefault("step", 0)
         rows, cols = int(p.shape[0]), int(p.shape[1])
         right = rows >= cols  # project the columns away: R = G P^T (rows x r); else R = P^T G (r x cols)
-        sharded = isinstance(p, DTensor)
-        grad, mine = sharded_rows(p.grad) if sharded else (p.grad, range(rows))
-        weight = sharded_rows(p)[0] if sharded else p
-        proj = self._projection(p, group, state["step"] // group["update_proj_gap"], grad.device)
+        ranks: dist.ProcessGroup | None = None  # the ranks sharing p's rows, under FSDP
+        if isinstance(p, DTensor):
+            assert isinstance(p.grad, DTensor)
+            ranks = p.device_mesh.get_group()
+            (grad, mine), weight = sharded_rows(p.grad), sharded_rows(p)[0]
+        else:
+            assert p.grad is not None
+            grad, mine, weight = p.grad, range(rows), p
+        proj = self._projection(p, group, state["step"] // group["update_proj_gap"], grad)
         if right:
             low = grad @ proj.t()  # (rows_local, cols) @ (cols, r) -> (rows_local, r): rows stay local
         else:
             low = proj[mine.start : mine.stop].t() @ grad  # (r, rows_local) @ (rows_local, cols) -> (r, cols)
-            if sharded:
-                dist.all_reduce(low, group=p.device_mesh.get_group())  # the sum over every rank's rows
+            if ranks is not None:
+                dist.all_reduce(low, group=ranks)  # the sum over every rank's rows
         if "exp_avg" not in state:
-            self._init_low_rank_moments(state, p, low, right and sharded)
+            for key in ("exp_avg", "exp_avg_sq"):
+                zeros = torch.zeros_like(low)
+                state[key] = _row_sharded_like(p, zeros) if right and isinstance(p, DTensor) else zeros
         exp_avg, exp_avg_sq = (_local(state["exp_avg"]), _local(state["exp_avg_sq"]))
         direction, step_size = self._adam_direction(group, state, low, exp_avg, exp_avg_sq)
-        scaled = grad * self._scaling_factor(group["scale_type"], direction, low, right, p if sharded and right else None)
-        scaled = self._limit_norm_growth(state, scaled, p if sharded else None)
+        scaled = grad * self._scaling_factor(group["scale_type"], direction, low, right, ranks if right else None)
+        scaled = self._limit_norm_growth(state, scaled, ranks)
         scaled *= math.sqrt(group["scale"])
         weight.add_(scaled, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
 
-    def _init_low_rank_moments(self, state: dict[str, Any], p: torch.Tensor, low: torch.Tensor, row_sharded: bool) -> None:
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = _row_sharded_like(p, torch.zeros_like(low)) if row_sharded else torch.zeros_like(low)
-
     @staticmethod
     def _scaling_factor(scale_type: str, direction: torch.Tensor, low: torch.Tensor, right: bool,
-                        sharded: torch.Tensor | None) -> torch.Tensor:
+                        ranks: dist.ProcessGroup | None) -> torch.Tensor:
         """APOLLO's factor: per row (right) or column (left) of the projected side for channel, one number
-        for tensor; ``sharded`` is the weight when ``low``'s rows are split over ranks."""
+        for tensor; ``ranks`` share ``low``'s rows when they are split over ranks."""
         if scale_type == "channel":
             dim = 1 if right else 0
             factor = torch.norm(direction, dim=dim) / (torch.norm(low, dim=dim) + NORM_EPS)
             return factor.unsqueeze(1) if right else factor  # (rows, 1) or (cols,): broadcast over G
-        if sharded is None:
+        if ranks is None:
             return torch.norm(direction) / (torch.norm(low) + NORM_EPS)
         sums = torch.stack([direction.square().sum(), low.square().sum()])
-        dist.all_reduce(sums, group=sharded.device_mesh.get_group())
+        dist.all_reduce(sums, group=ranks)
         return sums[0].sqrt() / (sums[1].sqrt() + NORM_EPS)
 
     @staticmethod
-    def _limit_norm_growth(state: dict[str, Any], scaled: torch.Tensor, sharded: torch.Tensor | None) -> torch.Tensor:
+    def _limit_norm_growth(state: dict[str, Any], scaled: torch.Tensor, ranks: dist.ProcessGroup | None) -> torch.Tensor:
         """Fira's limiter, as apollo-torch applies it: the scaled gradient's norm may grow by 1.01x a step."""
-        if sharded is None:
+        if ranks is None:
             norm = torch.norm(scaled)
         else:
             total = scaled.square().sum()
-            dist.all_reduce(total, group=sharded.device_mesh.get_group())
+            dist.all_reduce(total, group=ranks)
             norm = total.sqrt()
         if "scaled_grad" not in state:
             state["scaled_grad"] = norm
@@ -254,13 +260,12 @@ class ApolloAdamW(Optimizer):
                 continue
             for p in group["params"]:
                 state = self.state.get(p)
-                if not state or not isinstance(p, DTensor) or p.shape[0] < p.shape[1]:
-                    continue
-                for key in ("exp_avg", "exp_avg_sq"):
-                    value = state.get(key)
-                    if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
-                        rows = sharded_rows(p)[1]
-                        state[key] = _row_sharded_like(p, value[rows.start : rows.stop].clone())
+                if state and isinstance(p, DTensor) and p.shape[0] >= p.shape[1]:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        value = state.get(key)
+                        if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+                            rows = sharded_rows(p)[1]
+                            state[key] = _row_sharded_like(p, value[rows.start : rows.stop].clone())
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,8 @@ class MethodConfig:
             raise ValueError(f"inner_warmup must be an integer >= 0, got {self.inner_warmup!r}")
         if self.name == "rso":
             self.rso_config()
+            if self.inner_optimizer.lower() == "muon":
+                check_muon_available("inner_optimizer muon")
             cls, _ = resolve_optimizer(self.inner_optimizer)
             if self.inner_state == "keep_second" and not issubclass(cls, torch.optim.Adam | torch.optim.AdamW):
                 raise ValueError(f"inner_state 'keep_second' needs an Adam inner optimizer, not {self.inner_optimizer!r}")

@@ -44,21 +44,20 @@ ADJUST_LR = ("match_rms_adamw", "original")
 try:  # torch.optim.Muon and its Newton-Schulz routine (a private name; torch 2.13 has both)
     from torch.optim import Muon as _TorchMuon
     from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
-except ImportError:  # pragma: no cover - older torch
-    _TorchMuon = None
 
-
-def muon_available() -> bool:
-    return _TorchMuon is not None
+    HAVE_MUON = True
+except ImportError:  # pragma: no cover - older torch: MethodConfig refuses muon with check_muon_available
+    _TorchMuon = torch.optim.Optimizer  # type: ignore[misc,assignment]
+    HAVE_MUON = False
 
 
 def check_muon_available(option: str) -> None:
-    if _TorchMuon is None:
+    if not HAVE_MUON:
         raise ValueError(f"{option} needs torch.optim.Muon, which torch {torch.__version__} does not have "
                          "(torch 2.13 has it)")
 
 
-class Muon(_TorchMuon if _TorchMuon is not None else torch.optim.Optimizer):  # type: ignore[misc]
+class Muon(_TorchMuon):
     """torch.optim.Muon, and the same update for parameters sharded by FSDP2 (DTensors on dim 0)."""
 
     @torch.no_grad()
@@ -77,10 +76,11 @@ class Muon(_TorchMuon if _TorchMuon is not None else torch.optim.Optimizer):  # 
 
     def _sharded_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """torch's _single_tensor_muon for one parameter, with Newton-Schulz on the gathered direction."""
-        state = self.state[p]
+        state, grad = self.state[p], p.grad
+        assert grad is not None
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-        buf, grad, momentum = state["momentum_buffer"], p.grad, group["momentum"]
+            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        buf, momentum = state["momentum_buffer"], group["momentum"]
         buf.lerp_(grad, 1 - momentum)
         direction = grad.lerp(buf, momentum) if group["nesterov"] else buf
         whole = direction.full_tensor() if isinstance(direction, DTensor) else direction  # (rows, cols) on every rank
