@@ -421,6 +421,22 @@ def test_sharded_memory_shrinks_as_one_over_n(name: str) -> None:
     print(f"\n{name}: one worker {one}; the tool's prediction for 4: {paper[4].as_dict()}")
 
 
+@pytest.mark.parametrize("name", ["adamw", "rso", "galore", "apollo", "apollo-mini", "muon"])
+def test_optimizer_states_per_worker_as_the_memory_tool_predicts(name: str) -> None:
+    """What rank 0 of 2 holds after a step, byte for byte, against fsdp_per_worker's prediction from a
+    one-process trace on meta: states laid out like their parameter in row chunks; GaLore's low-rank states
+    and projectors, APOLLO's (r x cols) projections and its column-side moments whole on every worker;
+    APOLLO's row-side moments and (rows x r) projections in row chunks."""
+    from rso_ray.memory import fsdp_per_worker
+
+    predicted = fsdp_per_worker("llama-micro", name, rank=8, batch_size=2, seq_len=SEQ, workers=[2],
+                                ranks={"apollo-mini": 1})[2].optimizer_states
+    got = run_ranks(2, _local_bytes, name)
+    assert got[0]["optimizer_states"] == predicted
+    if name in ("adamw", "rso", "muon"):  # every state sharded: the two halves of 64 rows are equal
+        assert got[1]["optimizer_states"] == predicted
+
+
 def test_memory_cli_fsdp(capsys: Any) -> None:
     from rso_ray.memory import main
 

@@ -25,7 +25,7 @@ limiter's last norm.
 Under FSDP2 (parameters sharded on dim 0) nothing is gathered. rows >= cols: each rank projects its own
 rows, ``R_local = G_local P^T``, and keeps its rows of m and v (sharded like the weight, as DTensors so that
 checkpoints reshard); channel factors are per row, local. rows < cols: each rank forms ``P_local^T G_local``
-with its rows of P and one all-reduce sums them into R (r x cols, replicated like GaLore's states); the
+with its rows of P (the only rows it keeps) and one all-reduce sums them into R (r x cols, replicated like GaLore's states); the
 column factors are then the same on every rank. Tensor-wise factors and the limiter's norm need a sum of
 squares over the whole tensor: one all-reduce of one or two numbers.
 
@@ -130,17 +130,25 @@ class ApolloAdamW(Optimizer):
         # P of each projected parameter, (refresh index, P): a cache, not state; rebuilt from the seed.
         self._projections: dict[int, tuple[int, torch.Tensor]] = {}
 
-    def projection_tensors(self, params: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The P's held now (memory accounting: they live as long as the optimizer)."""
-        keep = None if params is None else {id(p) for p in params}
-        return [t for pid, (_, t) in self._projections.items() if keep is None or pid in keep]
+    def projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, the P held for it now): memory accounting, as P lives as long as the optimizer."""
+        return [(p, self._projections[id(p)][1]) for g in self.param_groups for p in g["params"]
+                if id(p) in self._projections]
 
-    def _projection(self, p: torch.Tensor, group: dict[str, Any], refresh: int, grad: torch.Tensor) -> torch.Tensor:
+    def projection_tensors(self, params: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        keep = None if params is None else {id(p) for p in params}
+        return [t for p, t in self.projections() if keep is None or id(p) in keep]
+
+    def _projection(self, p: torch.Tensor, group: dict[str, Any], refresh: int, grad: torch.Tensor,
+                    rows: range | None) -> torch.Tensor:
+        """P for this refresh (only ``rows`` of a (rows x r) P: a sharded weight's own)."""
         cached = self._projections.get(id(p))
         if cached is None or cached[0] != refresh:
             shape = (int(p.shape[0]), int(p.shape[1]))
             matrix = apollo_projection(shape, group["rank"], seed=self.seed, refresh=refresh, key=self._keys[id(p)],
                                        device=grad.device, dtype=grad.dtype)
+            if rows is not None:
+                matrix = matrix[rows.start : rows.stop].clone()
             cached = (refresh, matrix)
             self._projections[id(p)] = cached
         return cached[1]
@@ -199,11 +207,12 @@ class ApolloAdamW(Optimizer):
         else:
             assert p.grad is not None
             grad, mine, weight = p.grad, range(rows), p
-        proj = self._projection(p, group, state["step"] // group["update_proj_gap"], grad)
+        refresh = state["step"] // group["update_proj_gap"]
+        proj = self._projection(p, group, refresh, grad, mine if ranks is not None and not right else None)
         if right:
             low = grad @ proj.t()  # (rows_local, cols) @ (cols, r) -> (rows_local, r): rows stay local
         else:
-            low = proj[mine.start : mine.stop].t() @ grad  # (r, rows_local) @ (rows_local, cols) -> (r, cols)
+            low = proj.t() @ grad  # (r, rows_local) @ (rows_local, cols) -> (r, cols)
             if ranks is not None:
                 dist.all_reduce(low, group=ranks)  # the sum over every rank's rows
         if "exp_avg" not in state:

@@ -300,6 +300,27 @@ class TrainingMethod:
             if isinstance(v, torch.Tensor)
         ]
 
+    def row_sharded_state(self, p: torch.Tensor, key: str, value: torch.Tensor) -> bool:
+        """Whether FSDP2 splits this state of ``p`` into row chunks as it splits ``p`` (a state laid out like
+        its parameter); otherwise every worker holds it whole."""
+        return value.dim() > 0 and tuple(value.shape) == tuple(p.shape)
+
+    def sharded_state_bytes(self, world: int) -> int:
+        """Optimizer-state bytes the first of ``world`` FSDP workers holds (it gets the largest row chunk),
+        from the states of a one-process step (e.g. traced on the meta device)."""
+        total = 0
+        for opt in self.optimizers:
+            for p, state in opt.state.items():
+                for key, value in state.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    nbytes = value.numel() * value.element_size()
+                    if self.row_sharded_state(p, key, value):
+                        rows = value.shape[0]
+                        nbytes = nbytes // rows * math.ceil(rows / world)  # torch.chunk's first piece
+                    total += nbytes
+        return total
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "optimizers": [opt.state_dict() for opt in self.optimizers]}
 
@@ -425,6 +446,24 @@ class ApolloMethod(TrainingMethod):
         opt = self.optimizers[0]
         assert isinstance(opt, ApolloAdamW)
         return super().optimizer_state_tensors(params) + opt.projection_tensors(params)
+
+    def row_sharded_state(self, p: torch.Tensor, key: str, value: torch.Tensor) -> bool:
+        """Under FSDP the moments of a projected weight with rows >= cols keep its rows (core/apollo.py)."""
+        low_rank_rows = key in ("exp_avg", "exp_avg_sq") and value.dim() == 2 and value.shape[0] == p.shape[0]
+        projected = id(p) in {id(q) for q in self.optimizers[0].param_groups[1]["params"]}
+        return super().row_sharded_state(p, key, value) or (projected and p.shape[0] >= p.shape[1] and low_rank_rows)
+
+    def sharded_state_bytes(self, world: int) -> int:
+        """The states, plus the random projections: a (r x cols) P whole on every worker, a (rows x r) P in
+        the worker's rows."""
+        opt = self.optimizers[0]
+        assert isinstance(opt, ApolloAdamW)
+        total = super().sharded_state_bytes(world)
+        for p, t in opt.projections():
+            rows = t.shape[0]
+            chunk = math.ceil(rows / world) if p.shape[0] < p.shape[1] else rows
+            total += t.numel() * t.element_size() // rows * chunk
+        return total
 
 
 class MuonMethod(TrainingMethod):
