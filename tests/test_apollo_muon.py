@@ -328,3 +328,27 @@ def test_train_options() -> None:
     assert method.apollo_config().group() == {"rank": 1, "update_proj_gap": 100, "scale": 64.0, "scale_type": "tensor"}
     muon = TrainConfig(model="llama-mini", optimizer="muon", muon_adjust_lr="original").with_recipe().method_config()
     assert muon.muon_adjust_lr == "original"
+
+
+def test_memory_tool_counts_their_states(capsys) -> None:
+    """Traced on meta, the target layers' optimizer states are what each method keeps: Muon one buffer per
+    block weight; APOLLO two rank-r moments and P per weight (rows >= cols: rows x r moments and an r x cols
+    P; else r x cols moments and a rows x r P); APOLLO-Mini the same at rank 1."""
+    from rso_ray.memory import main, measure_methods
+
+    results = measure_methods("llama-micro", methods=["muon", "apollo", "apollo-mini"], rank=8, batch_size=2,
+                              seq_len=16, dtype=torch.float32)
+    model = build_model("llama-micro", device="meta")
+    blocks = [p for n, p in model.named_parameters() if _is_block_linear(n)]
+
+    def apollo_floats(r: int) -> int:
+        return sum(2 * rows * r + r * cols if rows >= cols else 2 * r * cols + rows * r for rows, cols in
+                   (tuple(p.shape) for p in blocks))
+
+    assert results["muon"].target_optimizer_states == 4 * sum(p.numel() for p in blocks)
+    assert results["apollo"].target_optimizer_states == 4 * apollo_floats(8)
+    assert results["apollo-mini"].target_optimizer_states == 4 * apollo_floats(1)
+    assert main(["--model", "llama-micro", "--rank", "8", "--batch-size", "2", "--seq-len", "16",
+                 "--methods", "adamw", "apollo", "apollo-mini", "muon"]) == 0
+    header = capsys.readouterr().out.splitlines()[2]
+    assert header.split()[:4] == ["adamw", "apollo", "apollo-mini", "muon"]
