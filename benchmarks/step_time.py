@@ -1,12 +1,15 @@
-"""Training-step time of RSO (Haar and coordinate P) against AdamW (and GaLore), measured side by side.
+"""Training-step time of RSO (Haar and coordinate P) against AdamW (and GaLore, APOLLO, APOLLO-Mini, Muon, RSO with
+a Muon inner solver), measured side by side.
 
     python benchmarks/step_time.py --model llama-350m --rank 256 --batch-size 4 --steps 5
 
 Every method trains its own copy of the same model on the same batches; the methods take turns step by
 step (round robin), so drifts of a noisy machine hit all of them alike, and the figure is the median step.
 A step is forward + backward + optimizer step (the optimizer step is also timed alone: the FLOP limit
-counts matmuls only, while AdamW also updates every weight and its two moments). RSO's resampling (a QR per group every tau steps) happens
-outside the timed steps; its cost is timed separately and reported amortized over tau.
+counts matmuls only, while AdamW also updates every weight and its two moments). What a method redoes every
+``--refresh-every`` steps happens outside the timed steps: RSO's resampling (a QR per group for Haar P),
+GaLore's SVDs of the target gradients, APOLLO's Gaussian draws; it is timed once and amortized over that
+interval in the last column.
 
 The FLOP ratio RSO/AdamW of facts.md section 6 is printed next to the measured ratio: per target layer
 Adam does 6smn, RSO 4smn + 2srn (dB) + 2srm (Y P, once per group) + 4mnr (forming W + P B, forward and
@@ -38,7 +41,32 @@ VARIANTS = {
     "rso-haar-keep-yp": dict(name="rso", projection="haar", recompute_inputs=False),
     "rso-gaussian": dict(name="rso", projection="gaussian"),
     "galore": dict(name="galore"),
+    "apollo": dict(name="apollo"),
+    "apollo-mini": dict(name="apollo-mini", rank=1),
+    "muon": dict(name="muon"),
+    "rso-coordinate-muon": dict(name="rso", projection="coordinate", inner_optimizer="muon"),
 }
+
+
+def time_refresh(method) -> float | None:
+    """Seconds of what ``method`` redoes every tau / update_proj_gap steps, or None if nothing: RSO's
+    resample, GaLore's SVD of each target gradient (the last step's), APOLLO's draw of each P."""
+    from rso_ray.core.apollo import ApolloAdamW, apollo_projection
+    from rso_ray.core.galore import GaLoreAdamW, galore_projector
+
+    opt = method.optimizers[0]
+    t0 = time.perf_counter()
+    if isinstance(method, RSOMethod):
+        method.handle.resample(method.outer_step + 1)
+    elif isinstance(opt, GaLoreAdamW):
+        for p in opt.param_groups[1]["params"]:
+            galore_projector(p.grad, opt.param_groups[1]["rank"])
+    elif isinstance(opt, ApolloAdamW):
+        for i, p in enumerate(opt.param_groups[1]["params"]):
+            apollo_projection(tuple(p.shape), opt.param_groups[1]["rank"], seed=0, refresh=1, key=i, device=p.device)
+    else:
+        return None
+    return time.perf_counter() - t0
 
 
 def flop_ratio(model_name: str, layers: int | None, rank: int, tokens: int, seq_len: int, coordinate: bool) -> float:
@@ -70,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (after one warm-up step)")
     p.add_argument("--variants", nargs="+", default=["adamw", "rso-haar", "rso-coordinate"], choices=sorted(VARIANTS))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--refresh-every", type=int, default=200,
+                   help="steps between RSO resamples / GaLore and APOLLO projector refreshes (default 200, the recipe's)")
     add_device_options(p)
     p.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
@@ -89,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for variant in args.variants:
         model = build_model(args.model, num_layers=args.layers, seed=0, device=device)
-        cfg = MethodConfig(rank=args.rank, total_steps=1000, resample_every=10**9, **VARIANTS[variant])
+        cfg = MethodConfig(**({"rank": args.rank, "total_steps": 1000, "resample_every": 10**9,
+                               "galore_update_proj_gap": 10**9, "apollo_update_proj_gap": 10**9} | VARIANTS[variant]))
         runs[variant] = (model, build_method(model, cfg))
     times: dict[str, list[float]] = {v: [] for v in runs}
     opt_times: dict[str, list[float]] = {v: [] for v in runs}
@@ -112,16 +143,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {i} {variant:15s} {dt:7.3f}s (optimizer {dt_opt:.3f}s) loss {loss.item():.4f}", flush=True)
     resample = {}
     for variant, (_, method) in runs.items():
-        if isinstance(method, RSOMethod):
-            sync()
-            t0 = time.perf_counter()
-            method.handle.resample(method.outer_step + 1)
-            sync()
-            resample[variant] = time.perf_counter() - t0
+        sync()
+        seconds = time_refresh(method)
+        sync()
+        if seconds is not None:
+            resample[variant] = seconds
     med = {v: statistics.median(t) for v, t in times.items()}
     med_opt = {v: statistics.median(t) for v, t in opt_times.items()}
     tokens = args.batch_size * args.seq_len
     rows = []
+    every = args.refresh_every
+    amortized = {v: med[v] + resample.get(v, 0.0) / every for v in runs}
     for v in runs:
         ratio = med[v] / med["adamw"] if "adamw" in med else float("nan")
         fr = flop_ratio(args.model, args.layers, args.rank, tokens, args.seq_len, "coordinate" in v) if v.startswith("rso") else None
@@ -129,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         base_fb = med["adamw"] - med_opt["adamw"] if "adamw" in med else float("nan")
         rows.append(
             [v, f"{med[v]:.3f}", f"{tokens / med[v]:.0f}", f"{ratio:.3f}", f"{fr:.3f}" if fr else "-",
-             f"{fwd_bwd:.3f}", f"{fwd_bwd / base_fb:.3f}", f"{med_opt[v]:.3f}", f"{resample[v]:.3f}" if v in resample else "-"]
+             f"{fwd_bwd:.3f}", f"{fwd_bwd / base_fb:.3f}", f"{med_opt[v]:.3f}", f"{resample[v]:.3f}" if v in resample else "-",
+             f"{amortized[v] / amortized['adamw']:.3f}" if "adamw" in med else "-"]
         )
     headers = ["method", "median step (s)", "tokens/s", "step / adamw", "FLOP limit", "fwd+bwd (s)",
-               "fwd+bwd / adamw", "optimizer (s)", "resample (s, every tau)"]
+               "fwd+bwd / adamw", "optimizer (s)", "refresh (s)", f"with refresh every {every} / adamw"]
     settings = (
         f"{args.model}" + (f" ({args.layers} blocks)" if args.layers else "")
         + f", rank {args.rank}, {args.batch_size} x {args.seq_len} tokens, {args.precision}, {args.steps} timed steps "
@@ -147,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".json").write_text(
             json.dumps({"settings": vars(args) | {"out": str(args.out)}, "step_times": times, "median": med,
                         "optimizer_times": opt_times, "median_optimizer": med_opt,
-                        "resample_seconds": resample, "command": " ".join(sys.argv)}, indent=2)
+                        "resample_seconds": resample, "amortized": amortized, "refresh_every": every,
+                        "command": " ".join(sys.argv)}, indent=2)
         )
         args.out.with_suffix(".md").write_text(
             f"Command: `python {' '.join(sys.argv)}`\n\n{settings}\n\n{format_table(headers, rows, markdown=True)}\n"

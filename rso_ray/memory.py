@@ -60,16 +60,19 @@ def measure_methods(
     seed: int = 0,
     activation_checkpointing: bool = False,
     ranks: dict[str, int] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, MemoryBreakdown]:
     """One measured step per method on the same model shapes and the same batch (with per-block
     activation checkpointing if asked: activations are then what the forward keeps, the block inputs;
     one block's activations are rebuilt at a time in backward, see ``peak_block_recompute``). ``ranks``
-    gives some methods their own rank (see ``method_rank``)."""
+    gives some methods their own rank (see ``method_rank``); ``extra`` are more MethodConfig settings (e.g.
+    {"inner_optimizer": "muon"})."""
     out: dict[str, MemoryBreakdown] = {}
     for name in methods:
         model = build_model(model_name, num_layers=num_layers, device=device, dtype=dtype, seed=seed)
         vocab = model_config(model_name).vocab_size if not model_name.startswith("hf:") else model.config.vocab_size
-        cfg = MethodConfig(name=name, rank=method_rank(name, rank, ranks), projection=projection, total_steps=10)
+        cfg = MethodConfig(name=name, rank=method_rank(name, rank, ranks), projection=projection, total_steps=10,
+                           **(extra or {}))
         method = build_method(model, cfg)
         if activation_checkpointing:
             from .training.sharding import apply_activation_checkpointing
@@ -118,12 +121,13 @@ class ShardedMemory:
 def fsdp_per_worker(
     model_name: str, name: str, *, rank: int, batch_size: int, seq_len: int, workers: list[int],
     projection: str = "haar", num_layers: int | None = None, activations: int | None = None,
-    ranks: dict[str, int] | None = None,
+    ranks: dict[str, int] | None = None, extra: dict[str, Any] | None = None,
 ) -> dict[int, ShardedMemory]:
     """Per-worker memory of ``name`` under --parallelism fsdp for each number of ``workers``, traced on meta
     once (float32 masters); ``activations`` (bytes, e.g. from a bf16 trace) replaces the traced ones."""
     model = build_model(model_name, num_layers=num_layers, device="meta", dtype=torch.float32)
-    cfg = MethodConfig(name=name, rank=method_rank(name, rank, ranks), projection=projection, total_steps=10)
+    cfg = MethodConfig(name=name, rank=method_rank(name, rank, ranks), projection=projection, total_steps=10,
+                       **(extra or {}))
     method = build_method(model, cfg)
     blocks = default_block_modules(model)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
