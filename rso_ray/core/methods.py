@@ -146,7 +146,7 @@ class MethodConfig:
     muon_adjust_lr: str = "match_rms_adamw"
     """Muon: lr adjustment of torch.optim.Muon. match_rms_adamw: lr x 0.2 sqrt(max(rows, cols)), an update of
     AdamW's RMS, so AdamW's lr carries over (Moonshot); original: lr x sqrt(max(1, rows / cols)) (Keller
-    Jordan's, torch's default; its lrs are ~5 / sqrt(max(rows, cols)) times larger)."""
+    Jordan's, torch's default; the same step takes an lr 0.2 sqrt(width) times larger for a square weight)."""
     seed: int = 0
     """Seed of the random subspaces."""
 
