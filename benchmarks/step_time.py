@@ -69,12 +69,13 @@ def time_refresh(method) -> float | None:
     return time.perf_counter() - t0
 
 
-def flop_ratio(model_name: str, layers: int | None, rank: int, tokens: int, seq_len: int, coordinate: bool) -> float:
+def flop_ratio(model_name: str, layers: int | None, rank: int, tokens: int, seq_len: int, coordinate: bool,
+               vocab_size: int | None = None) -> float:
     """RSO/AdamW training FLOPs of one step from the shapes (facts.md section 6). Per block, with s tokens:
     Adam's linears do 6smo each; RSO's 4smo + 2sro (dB), plus 2srm per input group (Y P) and 4mor per
     layer (forming W + P B in forward and backward) unless P is a coordinate projection (a gather and a
     column update). Attention (6 s S n, causal) and the lm_head (6 s n V) are the same for both."""
-    cfg = model_config(model_name, num_layers=layers)
+    cfg = model_config(model_name, num_layers=layers, vocab_size=vocab_size)
     n, f, v, s, r = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, tokens, rank
     linears = [(n, n)] * 4 + [(n, f)] * 2 + [(f, n)]  # (m, o) = (in, out): q k v o gate up down
     group_inputs = [n, n, n, f]  # q/k/v share one Y P; o; gate/up share one; down
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-350m")
     p.add_argument("--layers", type=int, default=None, help="use only this many blocks (default: all)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="another vocabulary size (default: the model's); with --layers, keeps the share of the block "
+                        "linears in the parameters near the full model's while all variants fit in memory together")
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
@@ -111,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    vocab = model_config(args.model).vocab_size
+    vocab = args.vocab_size or model_config(args.model).vocab_size
     gen = torch.Generator().manual_seed(0)
     batches = [
         torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen).to(device) for _ in range(args.steps + 1)
     ]
     runs = {}
     for variant in args.variants:
-        model = build_model(args.model, num_layers=args.layers, seed=0, device=device)
+        model = build_model(args.model, num_layers=args.layers, vocab_size=vocab, seed=0, device=device)
         cfg = MethodConfig(**({"rank": args.rank, "total_steps": 1000, "resample_every": 10**9,
                                "galore_update_proj_gap": 10**9, "apollo_update_proj_gap": 10**9} | VARIANTS[variant]))
         runs[variant] = (model, build_method(model, cfg))
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     amortized = {v: med[v] + resample.get(v, 0.0) / every for v in runs}
     for v in runs:
         ratio = med[v] / med["adamw"] if "adamw" in med else float("nan")
-        fr = flop_ratio(args.model, args.layers, args.rank, tokens, args.seq_len, "coordinate" in v) if v.startswith("rso") else None
+        fr = (flop_ratio(args.model, args.layers, args.rank, tokens, args.seq_len, "coordinate" in v, vocab)
+              if v.startswith("rso") else None)
         fwd_bwd = med[v] - med_opt[v]
         base_fb = med["adamw"] - med_opt["adamw"] if "adamw" in med else float("nan")
         rows.append(
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                "fwd+bwd / adamw", "optimizer (s)", "refresh (s)", f"with refresh every {every} / adamw"]
     settings = (
         f"{args.model}" + (f" ({args.layers} blocks)" if args.layers else "")
+        + (f", vocabulary {vocab}" if args.vocab_size else "")
         + f", rank {args.rank}, {args.batch_size} x {args.seq_len} tokens, {args.precision}, {args.steps} timed steps "
         f"each, round robin; torch {torch.__version__}, "
         + (torch.cuda.get_device_name(device) if device.type == "cuda"
