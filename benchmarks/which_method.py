@@ -12,9 +12,11 @@ table.
   shard of the float32 states, what FSDP2 holds unsharded at its peak, the activations). Each method at its
   recipe's rank for that model (RSO and GaLore: the paper's 512 / 1024; APOLLO: its scripts' 256; APOLLO-Mini:
   1); RSO with the coordinate P of its llama-mini run.
-- Step time: the median step of each method against AdamW's, measured side by side in one run of
-  benchmarks/step_time.py (llama-350m shapes on the CPU), with each method's refresh (RSO's resample, GaLore's
-  SVD, APOLLO's draw) amortized over 200 steps.
+- Step time: each method against AdamW, from one run of benchmarks/step_time.py (llama-350m block shapes on
+  the CPU, the methods side by side): the median forward + backward of a micro-batch and the median
+  optimizer step, put together for an optimizer step of 128 micro-batches of 4 (the recipe's 512 sequences),
+  each method's refresh (RSO's resample, GaLore's SVD, APOLLO's draw) amortized over 200 steps; and the
+  one-micro-batch step, where the optimizer's own cost weighs 128 times more.
 - Loss: each method's final eval loss on llama-mini at its best lr of the grid (benchmarks/compare_methods.py),
   over the best of all methods.
 
@@ -29,6 +31,7 @@ import sys
 from pathlib import Path
 
 import torch
+from step_time import step_with_accumulation  # benchmarks/step_time.py
 
 from rso_ray.config import TrainConfig
 from rso_ray.console import format_table, human_bytes
@@ -47,6 +50,7 @@ METHODS = {
 # The core method and its extra settings behind each entry.
 CORE = {"rso": ("rso", {}), "rso-muon": ("rso", {"inner_optimizer": "muon"})}
 BATCH, SEQ = 4, 256
+MICRO_BATCHES = 128  # the recipe's 512 sequences per step, in micro-batches of 4
 
 
 def recipe_rank(model: str, method: str) -> int:
@@ -102,25 +106,29 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     loss = losses(args.convergence)
     step = json.loads(args.step_time.read_text())
-    amortized = step.get("amortized") or step["median"]
+    every = step.get("refresh_every", 200)
+    one = {v: step["median"][v] + step["resample_seconds"].get(v, 0.0) / every for v in step["median"]}
+    many = {v: step_with_accumulation(step["median"][v], step["median_optimizer"][v],
+                                      step["resample_seconds"].get(v, 0.0), MICRO_BATCHES, every) for v in step["median"]}
     best = min(loss[v][1] for v, _ in METHODS.values() if v in loss)
     rows, record = [], {}
     for method, (variant, timed) in METHODS.items():
         mem1 = one_gpu_bytes("llama-1b", method)
         mem8 = fsdp_bytes("llama-7b", method, 8)
         ratio = loss[variant][1] / best if variant in loss else None
-        t = amortized[timed] / amortized["adamw"] if timed in amortized else None
+        t = many[timed] / many["adamw"] if timed in many else None
+        t1 = one[timed] / one["adamw"] if timed in one else None
         record[method] = {"variant": variant, "llama-1b_1gpu_bytes": mem1, "llama-7b_fsdp8_bytes": mem8,
-                          "step_time_ratio": t, "loss_ratio": ratio,
+                          "step_time_ratio": t, "step_time_ratio_one_micro_batch": t1, "loss_ratio": ratio,
                           "best_lr": loss[variant][0] if variant in loss else None,
                           "lr_grid": loss[variant][2] if variant in loss else None,
                           "ranks": {m: recipe_rank(m, method) for m in ("llama-1b", "llama-7b")}}
-        rows.append([method, human_bytes(mem1), human_bytes(mem8), f"{t:.3f}" if t else "-",
+        rows.append([method, human_bytes(mem1), human_bytes(mem8), f"{t:.3f}" if t else "-", f"{t1:.3f}" if t1 else "-",
                      f"{ratio:.3f}" if ratio else "-", f"{loss[variant][0]:g}" if variant in loss else "-"])
     fronts = {panel: front({m: (r[key], r["loss_ratio"]) for m, r in record.items() if r["loss_ratio"]})
               for panel, key in (("llama-1b, 1 GPU", "llama-1b_1gpu_bytes"), ("llama-7b, FSDP x 8", "llama-7b_fsdp8_bytes"))}
-    headers = ["method", "llama-1b, 1 GPU", "llama-7b, FSDP x 8 (per GPU)", "step / adamw (350m, CPU)",
-               "loss / best (llama-mini)", "best lr"]
+    headers = ["method", "llama-1b, 1 GPU", "llama-7b, FSDP x 8 (per GPU)", "step / adamw, 512 seq.",
+               "step / adamw, 4 seq.", "loss / best (llama-mini)", "best lr"]
     print(format_table(headers, rows))
     for panel, names in fronts.items():
         print(f"front, {panel}: {', '.join(names)}")
