@@ -42,6 +42,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rso-haar-keep-yp": dict(name="rso", projection="haar", recompute_inputs=False),
     "rso-gaussian": dict(name="rso", projection="gaussian"),
     "galore": dict(name="galore"),
+    "apollo": dict(name="apollo"),
+    "apollo-mini": dict(name="apollo-mini", rank=1),
+    "muon": dict(name="muon"),
+    "rso-coordinate-muon": dict(name="rso", projection="coordinate", inner_optimizer="muon"),
 }
 
 # The rank r of RSO and GaLore for each model in the paper's pre-training table (r / d_model: 128/256,

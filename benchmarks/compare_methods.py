@@ -1,4 +1,5 @@
-"""RSO vs AdamW vs GaLore on the same model and the same data: eval loss curves, step time, memory.
+"""RSO vs AdamW, GaLore, APOLLO, APOLLO-Mini and Muon on the same model and the same data: eval loss curves,
+step time, memory.
 
     python benchmarks/compare_methods.py --model llama-tiny --steps 1000 --eval-every 50 \
         --variants adamw galore-r32:galore:rank=32 galore-r64:galore:rank=64 \
@@ -11,7 +12,8 @@ same batches of the embedded corpus (no Ray: the torch-only engine). The runs ad
 each in turn, so step times are measured side by side on the same (noisy) machine. Each variant is then
 judged at its best learning rate of the grid by the loss on a fixed validation set. A variant is
 ``label:method[:key=value...]`` with keys rank, projection, resample_every, eta, inner_optimizer,
-target_lr_scale, inner_state, inner_warmup (a bare method name is its own label). The memory breakdown is one measured step per variant on the same batch.
+target_lr_scale, inner_state, inner_warmup, apollo_scale, muon_adjust_lr (a bare method name is its own
+label); resample_every is also GaLore's and APOLLO's projection refresh gap. The memory breakdown is one measured step per variant on the same batch.
 
 Writes <out>.json (every run, every eval point, every step time), <out>.md (the tables: best lr per
 variant, the ratio of its final eval loss to AdamW's and its worst ratio after the first 10% of steps)
@@ -36,7 +38,7 @@ from common import add_device_options, device_and_autocast  # benchmarks/common.
 
 from rso_ray.console import format_table, human_bytes
 from rso_ray.core.memory import measure_step
-from rso_ray.core.methods import MethodConfig, build_method
+from rso_ray.core.methods import APOLLO_MINI_RANK, MethodConfig, build_method
 from rso_ray.core.schedule import StepSchedule
 from rso_ray.data.embedded_assets import embedded_shards
 from rso_ray.data.packing import BlockStream
@@ -44,9 +46,15 @@ from rso_ray.data.tokenizer import load_tokenizer
 from rso_ray.models import build_model
 from rso_ray.training.engine import evaluate, train_step
 
-DEFAULT_LRS = {"rso": [1e-3, 3e-3, 6e-3], "adamw": [1e-3, 3e-3, 6e-3], "galore": [3e-3, 1e-2, 3e-2]}
+DEFAULT_LRS = {"rso": [1e-3, 3e-3, 6e-3], "adamw": [1e-3, 3e-3, 6e-3], "galore": [3e-3, 1e-2, 3e-2],
+               "apollo": [3e-3, 1e-2, 3e-2], "apollo-mini": [3e-3, 1e-2, 3e-2], "muon": [1e-3, 3e-3, 6e-3]}
 # The settings a variant takes from the command line (--rank, --resample-every, --projection) unless it names them.
-COMMAND_DEFAULTS = {"rso": ("rank", "resample_every", "projection"), "galore": ("rank", "resample_every")}
+COMMAND_DEFAULTS = {"rso": ("rank", "resample_every", "projection"), "galore": ("rank", "resample_every"),
+                    "apollo": ("rank", "resample_every"), "apollo-mini": ("resample_every",)}
+# A method's own defaults where they are not the command line's: APOLLO-Mini is defined at rank 1.
+METHOD_DEFAULTS: dict[str, dict[str, object]] = {"apollo-mini": {"rank": APOLLO_MINI_RANK}}
+
+
 def _int_or_schedule(text: str) -> int | str:
     """An integer, or RSO's step schedule (``48,96@400``: 48 from step 0, 96 from the first boundary at or
     after step 400), kept as its text and checked here."""
@@ -56,7 +64,8 @@ def _int_or_schedule(text: str) -> int | str:
 
 
 VARIANT_KEYS = {"rank": _int_or_schedule, "projection": str, "resample_every": _int_or_schedule, "eta": float,
-                "inner_optimizer": str, "target_lr_scale": float, "inner_state": str, "inner_warmup": int}
+                "inner_optimizer": str, "target_lr_scale": float, "inner_state": str, "inner_warmup": int,
+                "apollo_scale": float, "muon_adjust_lr": str}
 
 
 def parse_variants(items: list[str] | None) -> dict[str, tuple[str, dict[str, object]]]:
@@ -141,14 +150,16 @@ def train_runs(args: argparse.Namespace) -> dict:
     runs = []
     def method_config(label: str, lr: float, total_steps: int, peak: bool = False) -> MethodConfig:
         method, over = variants[label]
-        values: dict = dict(rank=args.rank, projection=args.projection, resample_every=args.resample_every) | over
+        values: dict = (dict(rank=args.rank, projection=args.projection, resample_every=args.resample_every)
+                        | METHOD_DEFAULTS.get(method, {}) | over)
         for key, later in (("rank", "rank_schedule"), ("resample_every", "resample_schedule")):
             if isinstance(values[key], str):  # a step schedule
                 schedule = StepSchedule.parse(values[key])
                 # peak: the memory of a step at the schedule's largest value
                 values[key], values[later] = (schedule.largest, ()) if peak else (schedule.first, schedule.later)
-        return MethodConfig(name=method, lr=lr, galore_update_proj_gap=values["resample_every"], total_steps=total_steps,
-                            seed=args.seed, **values)
+        return MethodConfig(name=method, lr=lr, galore_update_proj_gap=values["resample_every"],
+                            apollo_update_proj_gap=values["resample_every"], total_steps=total_steps, seed=args.seed,
+                            **values)
 
     for label, grid in lrs.items():
         for lr in grid:
@@ -344,24 +355,25 @@ def worst_ratio(evals: list[tuple[int, float]], base: list[tuple[int, float]], s
 
 def plot_curves(best: dict[str, dict], variants: dict[str, dict], base: dict | None, path: Path, title: str) -> None:
     """Eval loss, perplexity and (with a base) the ratio to the base against step, one line per variant at
-    its best lr; the line style says the method (AdamW solid, GaLore dashed, RSO dash-dot)."""
+    its best lr; the line style says the method (AdamW solid, GaLore dashed, RSO dash-dot, APOLLO dotted,
+    Muon dash-dot-dot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"adamw": "-", "galore": "--", "rso": "-."}
+    styles = {"adamw": "-", "galore": "--", "rso": "-.", "apollo": ":", "apollo-mini": ":", "muon": (0, (5, 1, 1, 1, 1, 1))}
     panels = 3 if base is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     ref = dict(base["evals"]) if base is not None else {}
     for name, r in best.items():
         steps = [s for s, _ in r["evals"]]
         losses = [v for _, v in r["evals"]]
-        style = styles.get(variants.get(name, {}).get("method", ""), ":")
-        axes[0].plot(steps, losses, style, label=f"{name} (lr {r['lr']:g})")
-        axes[1].plot(steps, [math.exp(v) for v in losses], style, label=name)
+        style = styles.get(variants.get(name, {}).get("method", ""), (0, (1, 2)))
+        axes[0].plot(steps, losses, linestyle=style, label=f"{name} (lr {r['lr']:g})")
+        axes[1].plot(steps, [math.exp(v) for v in losses], linestyle=style, label=name)
         if base is not None:
-            axes[2].plot(steps, [v / ref[s] for s, v in zip(steps, losses, strict=True)], style, label=name)
+            axes[2].plot(steps, [v / ref[s] for s, v in zip(steps, losses, strict=True)], linestyle=style, label=name)
     axes[0].set(xlabel="step", ylabel="eval loss (nats)")
     axes[1].set(xlabel="step", ylabel="eval perplexity", yscale="log")
     if base is not None:

@@ -1,4 +1,5 @@
-"""Memory of one training step, RSO vs GaLore vs AdamW side by side, measured on the real code path.
+"""Memory of one training step, RSO vs GaLore, APOLLO, APOLLO-Mini, Muon and AdamW side by side, measured on the
+real code path.
 
     python -m rso_ray.memory --model llama-1b --rank 512 --batch-size 16 --seq-len 256
 
@@ -10,7 +11,9 @@ step for real and adds the allocator's peak; ``--device cpu`` runs it on the CPU
 (float32 master weights, gradients and states, bf16 activations): the sharded parts divided by N, plus
 what FSDP2 holds unsharded at its peak (the root's parameters, two blocks all-gathered: the one running
 and the one prefetched, and the largest unit's gradients before their reduce-scatter), and the fewest
-workers of ``--gpu-memory-gib`` that hold a step:
+workers of ``--gpu-memory-gib`` that hold a step. Optimizer states laid out like their parameter are
+sharded; GaLore's low-rank states and projectors, APOLLO's projections and its column-side moments
+(rows < cols) are whole on every worker, as the sharded optimizers keep them:
 
     python -m rso_ray.memory --model llama-7b --rank 1024 --batch-size 4 --parallelism fsdp --workers 8
 """
@@ -29,12 +32,19 @@ import torch
 
 from .console import format_table, human_bytes
 from .core.memory import MemoryBreakdown, default_block_modules, measure_step, paper_estimates
-from .core.methods import METHODS, MethodConfig, build_method
+from .core.methods import APOLLO_MINI_RANK, METHODS, MethodConfig, build_method
 from .core.projection import PROJECTIONS
 from .core.schedule import StepSchedule
 from .models import build_model, check_model_name, model_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def method_rank(name: str, rank: int, ranks: dict[str, int] | None = None) -> int:
+    """The rank ``name`` runs at: ``ranks[name]`` if given, APOLLO-Mini's own rank 1, else ``rank``."""
+    if ranks and name in ranks:
+        return ranks[name]
+    return APOLLO_MINI_RANK if name == "apollo-mini" else rank
 
 
 def measure_methods(
@@ -50,15 +60,21 @@ def measure_methods(
     num_layers: int | None = None,
     seed: int = 0,
     activation_checkpointing: bool = False,
+    ranks: dict[str, int] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, MemoryBreakdown]:
     """One measured step per method on the same model shapes and the same batch (with per-block
     activation checkpointing if asked: activations are then what the forward keeps, the block inputs;
-    one block's activations are rebuilt at a time in backward, see ``peak_block_recompute``)."""
+    one block's activations are rebuilt at a time in backward, see ``peak_block_recompute``). ``ranks``
+    gives some methods their own rank (see ``method_rank``); ``extra`` are more MethodConfig settings (e.g.
+    {"inner_optimizer": "muon"})."""
     out: dict[str, MemoryBreakdown] = {}
     for name in methods:
         model = build_model(model_name, num_layers=num_layers, device=device, dtype=dtype, seed=seed)
         vocab = model_config(model_name).vocab_size if not model_name.startswith("hf:") else model.config.vocab_size
-        method = build_method(model, MethodConfig(name=name, rank=rank, projection=projection, total_steps=10))
+        cfg = MethodConfig(name=name, rank=method_rank(name, rank, ranks), projection=projection, total_steps=10,
+                           **(extra or {}))
+        method = build_method(model, cfg)
         if activation_checkpointing:
             from .training.sharding import apply_activation_checkpointing
 
@@ -82,7 +98,7 @@ class ShardedMemory:
     gradients: int
     """Its shard of the (float32) gradients of the trainable parameters."""
     optimizer_states: int
-    """Its shard of the optimizer states."""
+    """Its shard of the optimizer states (and what the method keeps whole on every worker)."""
     gathered_parameters: int
     """Unsharded at once: the root's parameters (embeddings, lm_head) and two blocks (running, prefetched),
     in the all-gather dtype (bf16 for AdamW/GaLore, float32 for RSO: see training/sharding.py)."""
@@ -106,11 +122,14 @@ class ShardedMemory:
 def fsdp_per_worker(
     model_name: str, name: str, *, rank: int, batch_size: int, seq_len: int, workers: list[int],
     projection: str = "haar", num_layers: int | None = None, activations: int | None = None,
+    ranks: dict[str, int] | None = None, extra: dict[str, Any] | None = None,
 ) -> dict[int, ShardedMemory]:
     """Per-worker memory of ``name`` under --parallelism fsdp for each number of ``workers``, traced on meta
     once (float32 masters); ``activations`` (bytes, e.g. from a bf16 trace) replaces the traced ones."""
     model = build_model(model_name, num_layers=num_layers, device="meta", dtype=torch.float32)
-    method = build_method(model, MethodConfig(name=name, rank=rank, projection=projection, total_steps=10))
+    cfg = MethodConfig(name=name, rank=method_rank(name, rank, ranks), projection=projection, total_steps=10,
+                       **(extra or {}))
+    method = build_method(model, cfg)
     blocks = default_block_modules(model)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     gather_bytes = 4 if name == "rso" else 2
@@ -127,7 +146,7 @@ def fsdp_per_worker(
             workers=n,
             parameters=math.ceil(full.parameters / n),
             gradients=math.ceil(full.gradients / n),
-            optimizer_states=math.ceil(full.optimizer_states / n),
+            optimizer_states=method.sharded_state_bytes(n),
             gathered_parameters=size(root, gather_bytes) + 2 * block_params,
             unsharded_gradients=max(block_grads, size([p for p in root if p.requires_grad])),
             activations=full.activations // 2 if activations is None else activations,
@@ -200,14 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m rso_ray.memory",
         description="Memory of one training step (parameters, gradients, optimizer states, activations) for "
-        "RSO, GaLore and AdamW on the same model and batch.",
+        "RSO, GaLore, APOLLO, APOLLO-Mini, Muon and AdamW on the same model and batch.",
     )
     p.add_argument("--model", default="llama-60m", help="llama-micro, llama-tiny, llama-60m ... llama-7b (default llama-60m)")
-    p.add_argument("--rank", default="128", help="rank r of RSO and GaLore (default 128); a step schedule such as "
-                   "32,64@600 (as python -m rso_ray.train takes) is measured at its largest rank, the step's peak")
+    p.add_argument("--rank", default="128", help="rank r of RSO, GaLore and APOLLO (default 128; apollo-mini keeps "
+                   "its rank 1); a step schedule such as 32,64@600 (as python -m rso_ray.train takes) is measured at "
+                   "its largest rank, the step's peak")
     p.add_argument("--batch-size", type=int, default=8, help="sequences in the batch (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--methods", nargs="+", default=["adamw", "galore", "rso"], choices=METHODS, help="methods to compare")
+    p.add_argument("--methods", nargs="+", default=["adamw", "galore", "rso"], choices=METHODS,
+                   help="methods to compare (default adamw galore rso; also apollo, apollo-mini, muon)")
     p.add_argument("--projection", default="haar", choices=PROJECTIONS, help="RSO projection (default haar)")
     p.add_argument(
         "--device", default="meta", choices=["meta", "cpu", "cuda"],

@@ -70,7 +70,7 @@ def test_unknown_key_in_file_names_key_and_line(tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (["--model", "llama-3b"], r"--model: unknown model 'llama-3b'; choose one of llama-micro"),
-        (["--optimizer", "lion"], "--optimizer must be one of rso, adamw, galore; got 'lion'"),
+        (["--optimizer", "lion"], "--optimizer must be one of rso, adamw, galore, apollo, apollo-mini, muon; got 'lion'"),
         (["--rank", "0"], "--rank must be a positive integer, got 0"),
         (["--rank", "-4"], "--rank must be a positive integer, got -4"),
         (["--eta", "0"], r"--eta must be > 0 \(or inf for no proximal term\), got 0.0"),

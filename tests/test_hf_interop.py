@@ -60,8 +60,9 @@ def _trained_run(tmp: Path, optimizer: str, *, steps: int, resample_every: int =
 
 
 @pytest.mark.parametrize(("optimizer", "steps", "resample_every"),
-                         [("rso", 3, 100), ("rso", 4, 2), ("adamw", 3, 100), ("galore", 3, 100)],
-                         ids=["rso-mid-subspace", "rso-at-boundary", "adamw", "galore"])
+                         [("rso", 3, 100), ("rso", 4, 2), ("adamw", 3, 100), ("galore", 3, 100), ("apollo", 3, 2),
+                          ("apollo-mini", 3, 2), ("muon", 3, 100)],
+                         ids=["rso-mid-subspace", "rso-at-boundary", "adamw", "galore", "apollo", "apollo-mini", "muon"])
 def test_export_gives_the_same_logits_in_transformers(tmp_path: Path, optimizer: str, steps: int, resample_every: int) -> None:
     model, method, ckpt = _trained_run(tmp_path, optimizer, steps=steps, resample_every=resample_every)
     saved = torch.load(ckpt / MODEL_FILE, weights_only=True)

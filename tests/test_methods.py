@@ -178,14 +178,16 @@ def _train(model: nn.Module, method, steps: int, start: int = 0) -> list[float]:
     return out
 
 
-LEVERS = {"rso-levers": dict(name="rso", inner_state="keep_second", inner_warmup=2, target_lr_scale=0.5)}
+LEVERS = {"rso-levers": dict(name="rso", inner_state="keep_second", inner_warmup=2, target_lr_scale=0.5),
+          "rso-muon": dict(name="rso", inner_optimizer="muon"), "apollo-mini": dict(name="apollo-mini", rank=1)}
 
 
-@pytest.mark.parametrize("name", ["rso", "adamw", "galore", "rso-levers"])
+@pytest.mark.parametrize("name", ["rso", "adamw", "galore", "rso-levers", "apollo", "apollo-mini", "muon", "rso-muon"])
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-subspace and right at a boundary (tau = 3)
 def test_state_dict_round_trip_resumes_identically(name: str, stop_at: int) -> None:
     extra = LEVERS.get(name, {"name": name})
-    cfg = _cfg(resample_every=3, galore_update_proj_gap=2, total_steps=12, warmup_steps=2, **extra)
+    cfg = _cfg(resample_every=3, galore_update_proj_gap=2, apollo_update_proj_gap=2, total_steps=12, warmup_steps=2,
+               **extra)
     model = build_model("llama-micro", seed=0)
     method = build_method(model, cfg)
     _train(model, method, stop_at)
@@ -214,9 +216,9 @@ def test_state_dict_holds_tensors_and_numbers_only() -> None:
         else:
             assert isinstance(x, (torch.Tensor, int, float, bool, str, type(None))), type(x)
 
-    for name in ("rso", "galore", "adamw"):
+    for name in ("rso", "galore", "adamw", "apollo", "muon"):
         model = build_model("llama-micro", seed=0)
-        method = build_method(model, _cfg(name=name, galore_update_proj_gap=2))
+        method = build_method(model, _cfg(name=name, galore_update_proj_gap=2, apollo_update_proj_gap=2))
         _train(model, method, 2)
         walk(method.state_dict())
 
@@ -284,7 +286,7 @@ def test_merge_and_unload_restores_plain_linears() -> None:
         ({"eta": float("nan")}, "eta must be > 0"),
         ({"inner_optimizer": "lion"}, "unknown inner optimizer 'lion'"),
         ({"resample_every": 0}, r"resample_every \(tau\) must be an integer >= 1, got 0"),
-        ({"name": "sophia"}, "method must be one of rso, adamw, galore; got 'sophia'"),
+        ({"name": "sophia"}, "method must be one of rso, adamw, galore, apollo, apollo-mini, muon; got 'sophia'"),
         ({"lr": 0.0}, "lr must be a positive finite number, got 0.0"),
         ({"target_lr_scale": 0.0}, "target_lr_scale must be a positive finite number, got 0.0"),
         ({"target_lr_scale": float("inf")}, "target_lr_scale must be a positive finite number, got inf"),

@@ -13,6 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.apollo import SCALE_TYPES as APOLLO_SCALE_TYPES
+from ..core.muon import ADJUST_LR
+
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 USE_GPU = ("auto", "true", "false")
 PARALLELISMS = ("ddp", "fsdp")
@@ -42,22 +45,25 @@ class TrainOptions:
     model: str = field(default="llama-tiny", metadata=_help(
         "model to pre-train: llama-micro, llama-tiny (default: the offline demo), llama-mini, llama-60m, llama-130m, "
         "llama-350m, llama-1b, llama-7b, or hf:<hub id or local path> for any Hugging Face causal LM config"))
-    optimizer: str = field(default="rso", metadata=_help("training method: rso, adamw or galore"))
+    optimizer: str = field(default="rso", metadata=_help(
+        "training method: rso, adamw, galore, apollo, apollo-mini or muon (docs/methods.md says which when)"))
     rank: int | str | None = field(default=None, metadata=_help(
-        "rank r of RSO's subspaces / GaLore's projection (recipe: 128 for 60m, 256 for 130m/350m, 512 for 1b); "
+        "rank r of RSO's subspaces / GaLore's and APOLLO's projections (recipe: 128 for 60m, 256 for 130m/350m, "
+        "512 for 1b; APOLLO's scripts: 128 for 60m, else 256; apollo-mini: 1); "
         "RSO also takes a step schedule, e.g. 32,64@600: 32 from step 0, 64 from the first subspace boundary at or "
         "after step 600"))
     eta: float = field(default=math.inf, metadata=_help(
         "RSO proximal step eta: B's gradient gets B/eta; inf (default) disables the term"))
     resample_every: int | str | None = field(default=None, metadata=_help(
-        "RSO: inner steps per subspace (tau), or a step schedule as for --rank (e.g. 100,50@600); GaLore: steps "
+        "RSO: inner steps per subspace (tau), or a step schedule as for --rank (e.g. 100,50@600); GaLore and APOLLO: steps "
         "between projector refreshes (recipe: 200, 500 for 7b; RSO: at most a tenth of the run's steps, see "
         "docs/training.md)"))
     projection: str | None = field(default=None, metadata=_help(
         "RSO projection: haar, gaussian or coordinate (default: the recipe's, coordinate for llama-tiny and "
         "llama-mini; else haar, as in the paper)"))
     inner_optimizer: str = field(default="adam", metadata=_help(
-        "RSO inner optimizer of B: adam (default), adamw, sgd (momentum 0.9), any torch.optim class name"))
+        "RSO inner optimizer of B: adam (default), adamw, sgd (momentum 0.9), muon (B's update orthogonalized inside "
+        "the subspace, lr adjusted to AdamW's update RMS), any torch.optim class name"))
     inner_state: str = field(default="reset", metadata=_help(
         "RSO: what B's Adam keeps at a resample: reset (Algorithm 1) or keep_second (its step count and the "
         "row mean of its second moment per column of B; the first moment restarts)"))
@@ -77,11 +83,23 @@ class TrainOptions:
         "(--model hf:<folder>) unless --model names one, which must match it; --tokenizer defaults to its tokenizer"))
     # -- optimization ------------------------------------------------------------------------------
     lr: float | None = field(default=None, metadata=_help(
-        "peak learning rate (default: 1e-3 for adamw, 1e-2 for galore as in its scripts, see the recipe for rso)"))
+        "peak learning rate (default: 1e-3 for adamw and muon, 1e-2 for galore and apollo as in their scripts, see "
+        "the recipe for rso)"))
     target_lr_scale: float | None = field(default=None, metadata=_help(
         "the target layers' lr as a fraction of --lr, which the embeddings, norms and lm_head keep: RSO's lr "
         "of B, AdamW's of the block linears, GaLore's scale (default: the recipe's, else 0.25 for galore as "
         "in its scripts and 1 for rso, Algorithm 1's single lr, and adamw)"))
+    apollo_scale: float | None = field(default=None, metadata=_help(
+        "APOLLO's scale: its update is multiplied by the square root (default: 1 for apollo, 128 for apollo-mini, "
+        "as in the APOLLO scripts)"))
+    apollo_scale_type: str | None = field(default=None, metadata=_help(
+        "APOLLO's scaling factors: channel (one per row or column) or tensor (one per matrix) (default: channel for "
+        "apollo, tensor for apollo-mini)"))
+    muon_adjust_lr: str = field(default="match_rms_adamw", metadata=_help(
+        "Muon's lr adjustment (torch.optim.Muon's adjust_lr_fn): match_rms_adamw (default: lr x 0.2 sqrt(max(rows, "
+        "cols)), an update of AdamW's RMS, so --lr means what it means for AdamW) or original (lr x sqrt(max(1, "
+        "rows/cols)), Keller Jordan's; the same step then takes an lr 0.2 sqrt(width) larger: 0.02 there is "
+        "about 3.6e-3 here for a 768-wide square weight)"))
     warmup_ratio: float = field(default=0.1, metadata=_help("fraction of steps of linear warmup (default 0.1)"))
     min_lr_ratio: float = field(default=0.1, metadata=_help("the cosine ends at this fraction of the peak (default 0.1)"))
     weight_decay: float = field(default=0.0, metadata=_help(
@@ -247,6 +265,13 @@ class TrainOptions:
                 raise ValueError(f"--{flag(name)} must be a finite number > 0, got {value}")
         if not (self.resource_wait_s >= 0 and math.isfinite(self.resource_wait_s)):
             raise ValueError(f"--resource-wait-s must be a finite number >= 0, got {self.resource_wait_s}")
+        # APOLLO's and Muon's settings are checked here whatever the method (MethodConfig checks them only for
+        # the method that uses them), so that a typo fails before any run.
+        if self.apollo_scale is not None and not (self.apollo_scale > 0 and math.isfinite(self.apollo_scale)):
+            raise ValueError(f"--apollo-scale must be a positive finite number, got {self.apollo_scale!r}")
+        if self.apollo_scale_type is not None:
+            _choice("apollo_scale_type", self.apollo_scale_type, APOLLO_SCALE_TYPES)
+        _choice("muon_adjust_lr", self.muon_adjust_lr, ADJUST_LR)
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise ValueError(f"--max-failures must be -1 (unlimited) or an integer >= 0, got {self.max_failures!r}")
 

@@ -24,32 +24,42 @@ from typing import Any
 # levers with lr 6e-3, the best of a 3e-3 / 6e-3 / 1e-2 grid for each of AdamW, GaLore r48 and RSO r48 (inside
 # the grid for all three: RSO 1.015 of AdamW, 1.019 on a second seed; 1.004 of GaLore r48). --algorithm-1 is the
 # paper's Algorithm 1 (rso_ray.config.resolved).
-_TINY_LR: dict[str, Any] = dict(lr={"rso": 1e-2, "adamw": 1e-2, "galore": 1e-2},
+# APOLLO, APOLLO-Mini and Muon: the APOLLO scripts' lr 1e-2 and ranks (128 for 60m, 256 for the larger models, 1 for
+# APOLLO-Mini; r/d = 1/4 for the small models, as at 60m and 350m), scale 1 (APOLLO) / 128 (APOLLO-Mini) and
+# projection refresh every 200 steps; Muon at AdamW's lr (with the match_rms_adamw adjustment AdamW's lr carries
+# over, Moonshot). On llama-tiny and llama-micro these lrs are not tuned.
+_NEW_LR = {"apollo": 1e-2, "apollo-mini": 1e-2}
+_TINY_LR: dict[str, Any] = dict(lr={"rso": 1e-2, "adamw": 1e-2, "galore": 1e-2, **_NEW_LR, "muon": 1e-2},
                                 target_lr_scale={"rso": 0.25, "adamw": 0.125, "galore": 0.25}, inner_warmup=10,
                                 projection="coordinate")
 _PAPER = dict(global_batch_size=512, resample_every=200, eval_every=1000, eval_tokens=10_000_000)
 RECIPES: dict[str, dict[str, Any]] = {
     "llama-micro": dict(steps=40, rank=16, global_batch_size=8, micro_batch_size=8, resample_every=10,
-                        eval_every=20, eval_tokens=8192, lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2}),
+                        eval_every=20, eval_tokens=8192, apollo_rank=16,
+                        lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2, **_NEW_LR, "muon": 3e-3}),
     "llama-tiny": dict(steps=100, rank=64, global_batch_size=16, micro_batch_size=16, resample_every=50,
-                       eval_every=50, eval_tokens=65536, **_TINY_LR),
+                       eval_every=50, eval_tokens=65536, apollo_rank=32, **_TINY_LR),
     "llama-mini": dict(steps=1000, rank=48, global_batch_size=16, micro_batch_size=16, resample_every=100,
-                       eval_every=100, eval_tokens=65536,
-                       **(_TINY_LR | dict(lr={"rso": 6e-3, "adamw": 6e-3, "galore": 6e-3}))),
-    "llama-60m": dict(_PAPER, steps=10_000, rank=128, micro_batch_size=128, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
-    "llama-130m": dict(_PAPER, steps=20_000, rank=256, micro_batch_size=64, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
-    "llama-350m": dict(_PAPER, steps=60_000, rank=256, micro_batch_size=32, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
-    "llama-1b": dict(_PAPER, steps=100_000, rank=512, micro_batch_size=16, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2}),
+                       eval_every=100, eval_tokens=65536, apollo_rank=48,
+                       **(_TINY_LR | dict(lr={"rso": 6e-3, "adamw": 6e-3, "galore": 6e-3, "apollo": 6e-3,
+                                              "apollo-mini": 6e-3, "muon": 6e-3}))),
+    "llama-60m": dict(_PAPER, steps=10_000, rank=128, micro_batch_size=128, apollo_rank=128,
+                      lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3}),
+    "llama-130m": dict(_PAPER, steps=20_000, rank=256, micro_batch_size=64, apollo_rank=256,
+                       lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3}),
+    "llama-350m": dict(_PAPER, steps=60_000, rank=256, micro_batch_size=32, apollo_rank=256,
+                       lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3}),
+    "llama-1b": dict(_PAPER, steps=100_000, rank=512, micro_batch_size=16, apollo_rank=256,
+                     lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3}),
     "llama-7b": dict(_PAPER, steps=150_000, rank=1024, micro_batch_size=4, resample_every=500, max_grad_norm=1.0,
-                     lr={"rso": 5e-3, "adamw": 1e-3, "galore": 5e-3}),
+                     apollo_rank=256, lr={"rso": 5e-3, "adamw": 1e-3, "galore": 5e-3, **_NEW_LR, "muon": 1e-3}),
 }
-_HF_RECIPE = dict(_PAPER, steps=10_000, rank=128, micro_batch_size=16, lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2})
+_HF_RECIPE = dict(_PAPER, steps=10_000, rank=128, micro_batch_size=16, apollo_rank=128,
+                  lr={"rso": 1e-2, "adamw": 1e-3, "galore": 1e-2, **_NEW_LR, "muon": 1e-3})
 
 
 def recipe_for(model: str) -> dict[str, Any]:
     return dict(RECIPES.get(model, _HF_RECIPE))
-
-
 
 
 # RSO's subspaces per run at least (short runs): see short_run_interval.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..core.methods import MethodConfig
+from ..core.methods import APOLLO_MINI_RANK, MethodConfig
 from ..core.schedule import StepSchedule
 from .options import (
     TrainOptions,
@@ -30,9 +30,11 @@ from .recipes import recipe_for, short_run_interval
 # MethodConfig's field (as its errors name it) -> the option that sets it.
 _OPTION_OF = {"method": "optimizer", "name": "optimizer", "total_steps": "steps", "min_ratio": "min_lr_ratio",
               "warmup_steps": "warmup_ratio", "galore_update_proj_gap": "resample_every", "update_proj_gap": "resample_every",
+              "apollo_update_proj_gap": "resample_every",
               "rank_schedule": "rank", "resample_schedule": "resample_every"}
 _METHOD_OPTIONS = ("lr", "target_lr_scale", "weight_decay", "min_lr_ratio", "rank", "projection", "eta",
-                   "resample_every", "inner_optimizer", "inner_state", "inner_warmup", "target_modules")
+                   "resample_every", "inner_optimizer", "inner_state", "inner_warmup", "target_modules",
+                   "apollo_scale", "apollo_scale_type", "muon_adjust_lr")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,7 +159,8 @@ class RunConfig:
             optimizer=m.name, lr=m.lr, target_lr_scale=m.target_lr_scale, weight_decay=m.weight_decay,
             min_lr_ratio=m.min_lr_ratio, steps=m.total_steps, tokens=None, rank=_option(m.ranks()),
             projection=m.projection, eta=m.eta, resample_every=_option(m.intervals()), inner_optimizer=m.inner_optimizer,
-            inner_state=m.inner_state, inner_warmup=m.inner_warmup, seed=m.seed,
+            inner_state=m.inner_state, inner_warmup=m.inner_warmup, seed=m.seed, apollo_scale=m.apollo_scale,
+            apollo_scale_type=m.apollo_scale_type, muon_adjust_lr=m.muon_adjust_lr,
             target_modules=list(m.target_modules) if isinstance(m.target_modules, list) else m.target_modules,
             workers=self.workers_text(),
             worker_resources=json.dumps(self.worker_resources) if self.worker_resources else None,
@@ -222,8 +225,10 @@ def _with_recipe(options: TrainOptions) -> dict[str, Any]:
     """The options as a mapping with every None the recipe (or a rule) decides filled in."""
     recipe = recipe_for(options.model)
     values = {f.name: getattr(options, f.name) for f in fields(options)}
+    if values["rank"] is None:  # APOLLO's published ranks are not RSO's and GaLore's
+        values["rank"] = {"apollo": recipe.get("apollo_rank"), "apollo-mini": APOLLO_MINI_RANK}.get(options.optimizer)
     for key, value in recipe.items():
-        if key in ("lr", "target_lr_scale") or (key == "steps" and values["tokens"] is not None):
+        if key in ("lr", "target_lr_scale", "apollo_rank") or (key == "steps" and values["tokens"] is not None):
             continue  # per-method values, and a token budget that sets the steps
         if key in values and values[key] is None:
             values[key] = value
@@ -264,7 +269,8 @@ def _method_config(options: TrainOptions, values: dict[str, Any]) -> MethodConfi
             method[name], method[later] = schedule.first, schedule.later
     try:
         return MethodConfig(name=options.optimizer, total_steps=steps, warmup_steps=int(options.warmup_ratio * steps),
-                            galore_update_proj_gap=method.get("resample_every", 200), seed=options.seed, **method)
+                            galore_update_proj_gap=method.get("resample_every", 200),
+                            apollo_update_proj_gap=method.get("resample_every", 200), seed=options.seed, **method)
     except (ValueError, TypeError) as err:
         raise ValueError(_as_option_error(str(err))) from None
 

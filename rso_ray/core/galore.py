@@ -46,11 +46,13 @@ class GaLoreConfig:
 
 def galore_projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
     """Orthonormal factor of the top-``rank`` SVD of ``grad``: Vh[:r] (r x cols) if rows >= cols, else
-    U[:, :r] (rows x r). Computed in float32 as galore_torch does."""
+    U[:, :r] (rows x r), in its own storage. Computed in float32 as galore_torch does."""
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    # A copy, not a view: a slice of a float32 U or Vh would keep the whole (min x min) factor alive in the
+    # state (galore_torch's does), 4x the projector's bytes for a square weight at r = d / 4.
     if grad.shape[0] >= grad.shape[1]:
-        return vh[:rank, :].to(grad.dtype)
-    return u[:, :rank].to(grad.dtype)
+        return vh[:rank, :].to(grad.dtype, copy=True)
+    return u[:, :rank].to(grad.dtype, copy=True)
 
 
 def project(grad: torch.Tensor, ortho: torch.Tensor) -> torch.Tensor:

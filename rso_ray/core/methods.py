@@ -1,4 +1,5 @@
-"""Training methods behind one interface: RSO (Algorithm 1), and the AdamW and GaLore baselines.
+"""Training methods behind one interface: RSO (Algorithm 1), and the AdamW, GaLore, APOLLO, APOLLO-Mini and
+Muon baselines.
 
 A method owns the optimizers of a model and its learning-rate schedule. The training loop calls
 ``zero_grad()``, runs backward, optionally clips ``trainable_parameters()``, then ``step()``; it never
@@ -29,7 +30,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .apollo import ApolloAdamW, ApolloConfig
 from .galore import GaLoreAdamW, GaLoreConfig
+from .muon import ADJUST_LR, Muon, check_muon_available
 from .rso import (
     LLAMA_SHARED_INPUTS,
     LLAMA_TARGETS,
@@ -43,13 +46,20 @@ from .rso import (
 )
 from .schedule import StepSchedule, WarmupCosine
 
-METHODS: tuple[str, ...] = ("rso", "adamw", "galore")
+METHODS: tuple[str, ...] = ("rso", "adamw", "galore", "apollo", "apollo-mini", "muon")
+# APOLLO-Mini is APOLLO at rank 1 with one scaling factor per matrix and scale 128 (the APOLLO scripts).
+APOLLO_MINI_RANK = 1
+APOLLO_SCALES = {"apollo": 1.0, "apollo-mini": 128.0}
+APOLLO_SCALE_TYPES = {"apollo": "channel", "apollo-mini": "tensor"}
 
 # Short names of the inner optimizer; any other torch.optim class name or "pkg.module.Class" also works.
 INNER_OPTIMIZERS: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
     "adam": (torch.optim.Adam, {}),
     "adamw": (torch.optim.AdamW, {}),
     "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+    # B's update orthogonalized inside the subspace; the RMS-matching lr adjustment keeps --lr meaning
+    # what it means for Adam (core/muon.py).
+    "muon": (Muon, {"adjust_lr_fn": "match_rms_adamw"}),
 }
 
 
@@ -76,25 +86,28 @@ def resolve_optimizer(name: str) -> tuple[type[Optimizer], dict[str, Any]]:
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    """Optimizer settings shared by the three methods, plus the RSO and GaLore specifics."""
+    """Optimizer settings shared by the methods, plus the RSO, GaLore, APOLLO and Muon specifics."""
 
     name: str = "rso"
-    """Training method: rso, adamw or galore."""
+    """Training method: rso, adamw, galore, apollo, apollo-mini or muon."""
     lr: float = 1e-3
     """Peak learning rate of the non-target parameters (embeddings, norms, lm_head) and, times
     ``target_lr_scale``, of the target layers (B for RSO, the projected update for GaLore, the weights for
-    AdamW)."""
+    AdamW, APOLLO and Muon; Muon's lr is then adjusted by ``muon_adjust_lr``)."""
     target_lr_scale: float | None = None
     """The target layers' step as a fraction of ``lr``: RSO's lr of B, AdamW's lr of the target weights,
     GaLore's ``scale`` of its projected-back update (the same thing for an Adam-normalized update). None:
-    0.25 for galore (its scripts), 1 for rso (Algorithm 1: one lr for everything) and adamw."""
+    0.25 for galore (its scripts), 1 for rso (Algorithm 1: one lr for everything), adamw, apollo and
+    apollo-mini (their scripts: one lr) and muon (with muon_adjust_lr match_rms_adamw, AdamW's lr carries
+    over)."""
     weight_decay: float = 0.0
     """Decoupled weight decay of the AdamW parts (0 in the GaLore/RSO recipe); RSO's inner optimizer of B
     gets the same value when it takes a weight_decay (plain Adam applies it as L2)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas, for every Adam in play."""
     eps: float | None = None
-    """Adam epsilon; None means 1e-8 for rso/adamw and 1e-6 for galore (the defaults of each code base)."""
+    """Adam epsilon; None means 1e-8 for rso, adamw and muon's AdamW, 1e-6 for galore, apollo and apollo-mini
+    (the defaults of each code base)."""
     total_steps: int = 10_000
     """Optimizer steps of the run (the cosine schedule ends there)."""
     warmup_steps: int | None = None
@@ -102,12 +115,14 @@ class MethodConfig:
     min_lr_ratio: float = 0.1
     """The cosine decays to this fraction of the peak."""
     rank: int = 128
-    """r of RSO's B / GaLore's projection (RSO: from step 0; see ``rank_schedule``)."""
+    """r of RSO's B / GaLore's and APOLLO's projections (RSO: from step 0, see ``rank_schedule``; APOLLO-Mini's
+    published rank is 1: APOLLO_MINI_RANK)."""
     rank_schedule: tuple[tuple[int, int], ...] = ()
     """RSO: later ranks as (step, rank) pairs, steps increasing: ``--rank 32,64@600`` is rank 32 and
     ((600, 64),). Each applies from the first subspace boundary at or after its step (B is empty there)."""
     target_modules: str | list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
-    """Layers trained by RSO or projected by GaLore (regex or names/suffixes)."""
+    """Layers trained by RSO, projected by GaLore and APOLLO, or orthogonalized by Muon (regex or
+    names/suffixes): the 2-D weights of the decoder blocks."""
     projection: str = "haar"
     """RSO: distribution of P (haar, gaussian, coordinate)."""
     eta: float = math.inf
@@ -121,7 +136,8 @@ class MethodConfig:
     recompute_inputs: bool = True
     """RSO: down_proj recomputes its input (and Y P) in backward from the SwiGLU's saved tensors."""
     inner_optimizer: str = "adam"
-    """RSO: optimizer of B (adam, adamw, sgd, any torch.optim class, or package.module.Class)."""
+    """RSO: optimizer of B (adam, adamw, sgd, muon: B's update orthogonalized inside the subspace, with the
+    RMS-matching lr adjustment; any torch.optim class, or package.module.Class)."""
     inner_optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     """RSO: extra keyword arguments of the inner optimizer (e.g. {"momentum": 0.5} for sgd)."""
     inner_state: str = "reset"
@@ -133,6 +149,20 @@ class MethodConfig:
     Algorithm 1)."""
     galore_update_proj_gap: int = 200
     """GaLore: steps between projector refreshes."""
+    apollo_update_proj_gap: int = 200
+    """APOLLO / APOLLO-Mini: steps between draws of a new random projection (200 in the APOLLO scripts)."""
+    apollo_scale: float | None = None
+    """APOLLO / APOLLO-Mini: apollo-torch's scale (the update is multiplied by its square root); None: 1 for
+    apollo and 128 for apollo-mini (the APOLLO scripts)."""
+    apollo_scale_type: str | None = None
+    """APOLLO: channel (a scaling factor per row or column) or tensor (one per matrix); None: channel for
+    apollo, tensor for apollo-mini."""
+    muon_momentum: float = 0.95
+    """Muon: momentum of its buffer (torch's and Keller Jordan's default); Nesterov, 5 Newton-Schulz steps."""
+    muon_adjust_lr: str = "match_rms_adamw"
+    """Muon: lr adjustment of torch.optim.Muon. match_rms_adamw: lr x 0.2 sqrt(max(rows, cols)), an update of
+    AdamW's RMS, so AdamW's lr carries over (Moonshot); original: lr x sqrt(max(1, rows / cols)) (Keller
+    Jordan's, torch's default; the same step takes an lr 0.2 sqrt(width) times larger for a square weight)."""
     seed: int = 0
     """Seed of the random subspaces."""
 
@@ -156,11 +186,21 @@ class MethodConfig:
         self.rso_config()  # rank, projection, eta, tau and targets are checked there, whatever the method
         self._check_schedules()
         if self.name == "rso":
+            if self.inner_optimizer.lower() == "muon":
+                check_muon_available("inner_optimizer muon")
             cls, _ = resolve_optimizer(self.inner_optimizer)
             if self.inner_state == "keep_second" and not issubclass(cls, torch.optim.Adam | torch.optim.AdamW):
                 raise ValueError(f"inner_state 'keep_second' needs an Adam inner optimizer, not {self.inner_optimizer!r}")
         elif self.name == "galore":
             self.galore_config()
+        elif self.name in APOLLO_SCALES:
+            self.apollo_config()
+        elif self.name == "muon":
+            check_muon_available("optimizer muon")
+        if self.muon_adjust_lr not in ADJUST_LR:
+            raise ValueError(f"muon_adjust_lr must be one of {', '.join(ADJUST_LR)}; got {self.muon_adjust_lr!r}")
+        if not (isinstance(self.muon_momentum, (int, float)) and 0 <= self.muon_momentum < 1):
+            raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
 
     def _check_schedules(self) -> None:
         for name in ("rank_schedule", "resample_schedule"):
@@ -189,7 +229,7 @@ class MethodConfig:
     def adam_eps(self) -> float:
         if self.eps is not None:
             return self.eps
-        return 1e-6 if self.name == "galore" else 1e-8
+        return 1e-6 if self.name in ("galore", *APOLLO_SCALES) else 1e-8
 
     @property
     def target_scale(self) -> float:
@@ -215,6 +255,13 @@ class MethodConfig:
 
     def galore_config(self) -> GaLoreConfig:
         return GaLoreConfig(rank=self.rank, update_proj_gap=self.galore_update_proj_gap, scale=self.target_scale)
+
+    def apollo_config(self) -> ApolloConfig:
+        """APOLLO's settings, the variant's published ones where this config leaves them None."""
+        variant = self.name if self.name in APOLLO_SCALES else "apollo"
+        scale = self.apollo_scale if self.apollo_scale is not None else APOLLO_SCALES[variant]
+        scale_type = self.apollo_scale_type if self.apollo_scale_type is not None else APOLLO_SCALE_TYPES[variant]
+        return ApolloConfig(rank=self.rank, update_proj_gap=self.apollo_update_proj_gap, scale=scale, scale_type=scale_type)
 
 
 INNER_STATES = ("reset", "keep_second")
@@ -325,6 +372,27 @@ class TrainingMethod:
             if isinstance(v, torch.Tensor)
         ]
 
+    def row_sharded_state(self, p: torch.Tensor, key: str, value: torch.Tensor) -> bool:
+        """Whether FSDP2 splits this state of ``p`` into row chunks as it splits ``p`` (a state laid out like
+        its parameter); otherwise every worker holds it whole."""
+        return value.dim() > 0 and tuple(value.shape) == tuple(p.shape)
+
+    def sharded_state_bytes(self, world: int) -> int:
+        """Optimizer-state bytes the first of ``world`` FSDP workers holds (it gets the largest row chunk),
+        from the states of a one-process step (e.g. traced on the meta device)."""
+        total = 0
+        for opt in self.optimizers:
+            for p, state in opt.state.items():
+                for key, value in state.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    nbytes = value.numel() * value.element_size()
+                    if self.row_sharded_state(p, key, value):
+                        rows = value.shape[0]
+                        nbytes = nbytes // rows * math.ceil(rows / world)  # torch.chunk's first piece
+                    total += nbytes
+        return total
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "optimizers": [opt.state_dict() for opt in self.optimizers]}
 
@@ -396,15 +464,7 @@ class GaLoreMethod(TrainingMethod):
     def __init__(self, model: nn.Module, config: MethodConfig):
         super().__init__(model, config)
         gcfg = config.galore_config()
-        modules = dict(model.named_modules())
-        targets = [modules[n].weight for n in match_targets(model, config.target_modules)]
-        for name in match_targets(model, config.target_modules):
-            lin = modules[name]
-            assert isinstance(lin, nn.Linear)
-            if gcfg.rank > min(lin.weight.shape):
-                raise ValueError(
-                    f"rank {gcfg.rank} is larger than the smaller dimension {min(lin.weight.shape)} of layer {name!r}"
-                )
+        targets = _target_weights(model, config, gcfg.rank, trainable_only=False)
         ids = {id(p) for p in targets}
         groups: list[dict[str, Any]] = [
             {"params": _other_parameters(model, ids)},
@@ -415,6 +475,91 @@ class GaLoreMethod(TrainingMethod):
                 GaLoreAdamW(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay)
             )
         ]
+
+
+def _target_weights(
+    model: nn.Module, config: MethodConfig, rank: int | None = None, *, trainable_only: bool = True
+) -> list[nn.Parameter]:
+    """The (trainable) weights of the target linears; with ``rank``, each must have both sides >= rank."""
+    modules = dict(model.named_modules())
+    out = []
+    for name in match_targets(model, config.target_modules):
+        weight = modules[name].weight
+        if rank is not None and rank > min(weight.shape):
+            raise ValueError(f"rank {rank} is larger than the smaller dimension {min(weight.shape)} of layer {name!r}")
+        if weight.requires_grad or not trainable_only:
+            out.append(weight)
+    return out
+
+
+class ApolloMethod(TrainingMethod):
+    """APOLLO (channel-wise factors) or APOLLO-Mini (one factor per matrix, rank 1) on the target linears;
+    the rest (embeddings, norms, lm_head) by the same optimizer's AdamW path, as in the APOLLO scripts."""
+
+    name = "apollo"
+
+    def __init__(self, model: nn.Module, config: MethodConfig):
+        super().__init__(model, config)
+        self.name = config.name  # apollo or apollo-mini: checkpoints record which
+        acfg = config.apollo_config()
+        targets = _target_weights(model, config, acfg.rank)
+        groups: list[dict[str, Any]] = [
+            {"params": _other_parameters(model, {id(p) for p in targets})},
+            {"params": targets, "lr": config.lr * config.target_scale, **acfg.group()},
+        ]
+        self.optimizers = [
+            _with_initial_lr(ApolloAdamW(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps,
+                                         weight_decay=config.weight_decay, seed=config.seed))
+        ]
+
+    def optimizer_state_tensors(self, params: list[nn.Parameter] | None = None) -> list[torch.Tensor]:
+        """The states, and the random projections the optimizer holds between refreshes (not saved: drawn
+        again from the seed), which take memory all the same."""
+        opt = self.optimizers[0]
+        assert isinstance(opt, ApolloAdamW)
+        return super().optimizer_state_tensors(params) + opt.projection_tensors(params)
+
+    def row_sharded_state(self, p: torch.Tensor, key: str, value: torch.Tensor) -> bool:
+        """Under FSDP the moments of a projected weight with rows >= cols keep its rows (core/apollo.py)."""
+        low_rank_rows = key in ("exp_avg", "exp_avg_sq") and value.dim() == 2 and value.shape[0] == p.shape[0]
+        projected = id(p) in {id(q) for q in self.optimizers[0].param_groups[1]["params"]}
+        return super().row_sharded_state(p, key, value) or (projected and p.shape[0] >= p.shape[1] and low_rank_rows)
+
+    def sharded_state_bytes(self, world: int) -> int:
+        """The states, plus the random projections: a (r x cols) P whole on every worker, a (rows x r) P in
+        the worker's rows."""
+        opt = self.optimizers[0]
+        assert isinstance(opt, ApolloAdamW)
+        total = super().sharded_state_bytes(world)
+        for p, t in opt.projections():
+            rows = t.shape[0]
+            chunk = math.ceil(rows / world) if p.shape[0] < p.shape[1] else rows
+            total += t.numel() * t.element_size() // rows * chunk
+        return total
+
+
+class MuonMethod(TrainingMethod):
+    """Muon on the 2-D weights of the decoder blocks (the target linears), AdamW on everything else
+    (embeddings, norms, lm_head), as the public Muon recipes split them."""
+
+    name = "muon"
+
+    def __init__(self, model: nn.Module, config: MethodConfig):
+        super().__init__(model, config)
+        try:
+            targets = _target_weights(model, config)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"muon orthogonalizes the 2-D weights of the decoder blocks (target_modules), and this "
+                             f"model has none to give it: {err}") from None
+        if not targets:
+            raise ValueError(f"muon: every weight matched by target_modules={config.target_modules!r} is frozen")
+        muon = Muon(targets, lr=config.lr * config.target_scale, weight_decay=config.weight_decay,
+                    momentum=config.muon_momentum, nesterov=True, adjust_lr_fn=config.muon_adjust_lr)
+        self.optimizers = [_with_initial_lr(muon)]
+        others = _other_parameters(model, {id(p) for p in targets})
+        if others:
+            self.optimizers.append(_with_initial_lr(torch.optim.AdamW(
+                others, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay)))
 
 
 class RSOMethod(TrainingMethod):
@@ -637,6 +782,9 @@ METHOD_BUILDERS: dict[str, Callable[[nn.Module, MethodConfig], TrainingMethod]] 
     "rso": RSOMethod,
     "adamw": AdamWMethod,
     "galore": GaLoreMethod,
+    "apollo": ApolloMethod,
+    "apollo-mini": ApolloMethod,
+    "muon": MuonMethod,
 }
 
 
