@@ -102,6 +102,11 @@ class FakeCluster:
         self.tmp = Path(__import__("tempfile").mkdtemp(prefix="rso-fake-", dir="/tmp"))  # short: socket paths
         self.config_file = tmp / "autoscaling.yaml"
         self.port, self.dashboard_port = _free_port(), _free_port()
+        # The head's agents on ports of their own: at Ray's fixed defaults (52365 ...) a second Ray on the
+        # machine, or one just stopped, makes the job agent fail and every submission answer "No available
+        # agent to submit job".
+        self.agent_ports = {name: _free_port() for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
         import ray
 
         self.gcs = f"{ray._private.services.get_node_ip_address()}:{self.port}"
@@ -119,7 +124,8 @@ class FakeCluster:
         ray = str(Path(sys.executable).parent / "ray")
         subprocess.run([ray, "start", "--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                         "--dashboard-host=127.0.0.1", "--num-cpus=1", f"--autoscaling-config={self.config_file}",
-                        f"--temp-dir={self.tmp}", "--disable-usage-stats"],
+                        f"--temp-dir={self.tmp}", "--disable-usage-stats",
+                        *(f"--{name}={port}" for name, port in self.agent_ports.items())],
                        check=True, capture_output=True, env=self.env, timeout=300)
 
     @property
@@ -144,6 +150,15 @@ class FakeCluster:
         nodes = json.loads(self.ray("list", "nodes", "--address", self.address, "--format", "json", "--detail"))
         return [n for n in nodes if n["state"] == "ALIVE" and RESOURCE in (n.get("resources_total") or {})]
 
+    def scaling_state(self) -> str:
+        """What a failure message needs to say why nodes stay: the alive nodes, their resources in use, and
+        the autoscaler's latest status and decisions."""
+        nodes = json.loads(self.ray("list", "nodes", "--address", self.address, "--format", "json", "--detail"))
+        alive = [{k: n.get(k) for k in ("node_id", "state", "resources_total", "labels")} for n in nodes]
+        actors = self.ray("list", "actors", "--address", self.address, "--filter", "state=ALIVE", "--limit", "50")
+        status = self.ray("status", "--address", self.gcs, "-v")
+        return f"autoscaler:\n{self.monitor_log()[-1500:]}\nray status -v:\n{status}\nalive actors:\n{actors}\nnodes: {json.dumps(alive)}"
+
     def monitor_log(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.tmp.glob("session_*/logs/monitor*"))
 
@@ -164,6 +179,8 @@ class FakeCluster:
         import psutil
 
         mine = [p for p in psutil.process_iter(["pid", "cmdline"]) if str(self.tmp) in " ".join(p.info["cmdline"] or [])]
+        with contextlib.suppress(psutil.Error):  # and their children, whose command lines may not name the folder
+            mine += [c for p in list(mine) for c in p.children(recursive=True) if c not in mine]
         for proc in mine:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
@@ -186,7 +203,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, logs: Callable[[
     second of CPU, which on a 2-core machine slows the run being watched)."""
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s. Job log:\n{logs()[-4000:]}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s. Log:\n{logs()[-8000:]}"
         time.sleep(poll_s)
 
 
@@ -279,4 +296,4 @@ def test_autoscaled_elastic_run_grows_survives_a_lost_node_and_matches_a_fixed_r
     # all-reduce); a block trained twice or skipped moves a step's loss by ~1e-2 here.
     worst = max(abs(elastic[s] - reference[s]) / reference[s] for s in reference)
     assert worst < 1e-4, worst
-    _wait("the idle nodes removed", lambda: not fake_cluster.nodes_of_the_type(), 180, logs, poll_s=5)
+    _wait("the idle nodes removed", lambda: not fake_cluster.nodes_of_the_type(), 180, fake_cluster.scaling_state, poll_s=5)

@@ -500,11 +500,28 @@ def _fit(cfg: RunConfig, prep: Prepared, folder: str, run_id: str, place: Placem
           f"({len(prep.validation) * (cfg.seq_len - 1):,} predicted tokens per evaluation"
           + (f"; {prep.validation_note}" if prep.validation_note else "") + f"); {prep.source.describe_validation()}",
           flush=True)
+    keep_data_actors_on_this_node()
     build_trainer(cfg, place, runtime, callbacks).fit()
     outcome = read_outcome(runtime.outcome_uri)
     if outcome is None or outcome.launch_id != launch_id or outcome.status == "running":
         raise RuntimeError(f"the workers ended without a result (see {runtime.outcome_uri} and the Ray logs)")
     return outcome
+
+
+def keep_data_actors_on_this_node() -> None:
+    """Start Ray Data's two cluster-wide helper actors (its stats actor and its actor-location tracker) here.
+    They are detached and pinned to the node of the process that first runs a dataset, which would be rank
+    0's training worker: that GPU node then never counts as idle, and the autoscaler keeps it (and bills it)
+    after the job (tests/test_autoscaling.py saw the node that had held rank 0 stay up with nothing running).
+    Created by the driver first, they live on the driver's node (the head under ``ray job submit``), as Ray
+    Data means them to; rank 0 then finds them by name. Both take no CPU."""
+    try:  # Ray Data internals (ray 2.60, as pinned); if they move, the helpers stay where rank 0 starts them
+        from ray.data._internal.execution.node_trackers import get_or_create_actor_location_tracker
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    get_or_create_stats_actor()
+    get_or_create_actor_location_tracker()
 
 
 def _say_interrupted(cfg: RunConfig, folder: str) -> None:
