@@ -164,8 +164,10 @@ def test_driver_killed_then_relaunched_resumes_bitwise(micro_config, references,
 def test_interrupt_marks_the_run_killed_and_says_how_to_resume(micro_config, ray_local, tmp_path: Path, sig: int,
                                                               to_group: bool) -> None:
     """Ctrl-C reaches the terminal's whole process group; `ray job stop` sends SIGTERM to the driver;
-    `timeout` and many schedulers send SIGTERM to the whole process group, Ray's own processes included:
-    then too the run ends within seconds with 143 (it used to wait 60 s for the dead GCS and exit 1).
+    `timeout` and many schedulers send SIGTERM to the whole process group: then too the run ends within
+    seconds with 143. The local instance's processes sit in a process group of their own, so the signal
+    reaches the driver alone (it used to kill the raylet with the driver, whose core worker then often ended
+    the process with status 1 before the driver's handler ran; before that, it waited 60 s for the GCS).
 
     ``ray_local`` is a second Ray instance on the machine (this process's, as another user's or a notebook's
     would be): Ray Train's placement-group cleaner used to ask 'the' instance's state API and print a
@@ -193,7 +195,6 @@ def test_interrupt_marks_the_run_killed_and_says_how_to_resume(micro_config, ray
     assert proc.returncode == 128 + sig, out[-3000:]
     if sig == signal.SIGTERM and to_group:
         assert time.monotonic() - signalled < 30, out[-3000:]
-        assert "the local Ray instance stopped with the same signal" in out
     assert f"{signal.Signals(sig).name} received: stopping the workers" in out
     assert "Found multiple active Ray instances" not in out, out[-3000:]
     assert (f"interrupted: run {cfg.run_name} stopped and marked KILLED in MLflow; relaunch with --run-name "

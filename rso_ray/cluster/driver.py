@@ -7,11 +7,13 @@ MLflow run and the data, run a Ray Train TorchTrainer, and print a summary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +99,6 @@ def _on_interrupt(controller: Any) -> None:
     MLflow run). Ours aborts the controller the same way (workers stopped, no retry) and then raises
     Interrupted, so that run() marks the MLflow run KILLED and says how to resume. A second signal during
     the abort raises at once."""
-    import contextlib
 
     import ray
 
@@ -272,13 +273,14 @@ def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
         else:
             print("[rso_ray] starting a local Ray instance", flush=True)
             local = _own_dashboard()
-        ray.init(
-            log_to_driver=True,
-            configure_logging=True,
-            logging_level="WARNING",
-            runtime_env={"env_vars": QUIET_ENV},
-            **local,
-        )
+        with _ray_processes_in_their_own_group(enabled=bool(local)):
+            ray.init(
+                log_to_driver=True,
+                configure_logging=True,
+                logging_level="WARNING",
+                runtime_env={"env_vars": QUIET_ENV},
+                **local,
+            )
     DataContext.get_current().enable_progress_bars = False
     from .ray_console import install_log_filter
 
@@ -290,6 +292,40 @@ def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
 
         start_watcher()  # a kill -9 of this driver must not leave Ray's node processes running
     return ray.cluster_resources(), started_here
+
+
+@contextlib.contextmanager
+def _ray_processes_in_their_own_group(enabled: bool) -> Iterator[None]:
+    """Start the local instance's processes (GCS, raylet, dashboard, ...) in a process group of their own.
+    A signal to the driver's process group (Ctrl-C in a terminal, ``timeout``, a batch scheduler's SIGTERM)
+    then reaches the driver alone, which stops the workers, marks the MLflow run KILLED and shuts the instance
+    down. Ray blocks SIGINT in its processes for the same reason, but not SIGTERM: the raylet died with the
+    driver, whose core worker then ended the process with status 1, often before the driver's handler ran
+    (tests/test_fault_tolerance.py, sigterm-to-the-group). If the driver is killed outright, the reaper
+    (cluster/reaper.py) and Ray's kill-on-parent-death still stop them."""
+    if not enabled or sys.platform == "win32":
+        yield
+        return
+    import ray._private.services as services
+
+    popen = services.ConsolePopen
+
+    class OwnGroupPopen(popen):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            inner = kwargs.pop("preexec_fn", None)
+
+            def preexec() -> None:
+                os.setpgid(0, 0)
+                if inner is not None:
+                    inner()
+
+            super().__init__(*args, preexec_fn=preexec, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen  # what services.start_ray_process starts every process with (ray 2.60)
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def _own_dashboard() -> dict[str, Any]:
