@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from .galore import adamw_defaults
 from .layer import sharded_rows
 from .projection import derive_seed
 
@@ -119,11 +120,7 @@ class ApolloAdamW(Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
     ):
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay))
         self.seed = seed
         projected = [p for g in self.param_groups if g.get("rank") is not None for p in g["params"]]
         self._keys = {id(p): i for i, p in enumerate(projected)}

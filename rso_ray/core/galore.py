@@ -67,6 +67,15 @@ def project_back(low: torch.Tensor, ortho: torch.Tensor, full_shape: torch.Size)
     return ortho @ low  # (rows, r) @ (r, cols)
 
 
+def adamw_defaults(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict[str, Any]:
+    """The param-group defaults of the AdamWs that project some groups (GaLore's here, APOLLO's), checked."""
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        raise ValueError(f"betas must be in [0, 1), got {betas}")
+    return {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+
+
 class GaLoreAdamW(Optimizer):
     """AdamW where parameter groups with a ``rank`` key are updated through a GaLore projection."""
 
@@ -78,11 +87,7 @@ class GaLoreAdamW(Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
     ):
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
