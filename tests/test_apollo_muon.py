@@ -314,7 +314,7 @@ def test_train_options() -> None:
 
     for argv, message in [
         (["--muon-adjust-lr", "x"], "--muon-adjust-lr must be one of match_rms_adamw, original; got 'x'"),
-        (["--apollo-scale", "-1"], "--apollo-scale must be a positive finite number, got -1.0"),
+        (["--apollo-scale", "-1"], "--apollo-scale must be a finite number > 0, got -1.0"),
         (["--apollo-scale-type", "row"], "--apollo-scale-type must be one of channel, tensor; got 'row'"),
         (["--optimizer", "lion"], "--optimizer must be one of rso, adamw, galore, apollo, apollo-mini, muon; got 'lion'"),
     ]:

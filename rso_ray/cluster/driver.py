@@ -74,11 +74,11 @@ _SIGNALS: list[int] = []  # the signals the driver got during fit(), newest last
 _LOCAL_RAY_GONE: list[bool] = []  # set when the Ray instance this driver started died with a signal
 
 
-def local_ray_died(wait_s: float = 5.0) -> bool:
+def local_ray_died(wait_s: float = 2.0) -> bool:
     """Whether the Ray instance this process started (not a cluster it joined) has lost its GCS or raylet.
-    A signal to the process group reaches them with the driver, but they take a moment to exit: 2 s was too
-    short on a loaded 2-core machine, and a call into a dying instance ends the driver with status 1 when
-    its raylet goes (hence the wait, paid only by a signal to the driver alone)."""
+    Its processes run in a process group of their own (_ray_processes_in_their_own_group), so a signal to
+    the driver's group no longer reaches them; this catches them killed some other way, and the short wait
+    lets a raylet that is still dying be seen."""
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)

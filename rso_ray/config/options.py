@@ -259,16 +259,15 @@ class TrainOptions:
         """Real-valued options; NaN fails every comparison, so each check is written to reject it."""
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
+        # apollo_scale is checked here whatever the method (MethodConfig checks it only for APOLLO), so that a
+        # typo fails before any run; likewise the two choices of APOLLO and Muon below.
         for name, value in (("max_grad_norm", self.max_grad_norm), ("elastic_check_s", self.elastic_check_s),
-                            ("data_cpus", self.data_cpus), ("cpus_per_worker", self.cpus_per_worker)):
+                            ("data_cpus", self.data_cpus), ("cpus_per_worker", self.cpus_per_worker),
+                            ("apollo_scale", self.apollo_scale)):
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"--{flag(name)} must be a finite number > 0, got {value}")
         if not (self.resource_wait_s >= 0 and math.isfinite(self.resource_wait_s)):
             raise ValueError(f"--resource-wait-s must be a finite number >= 0, got {self.resource_wait_s}")
-        # APOLLO's and Muon's settings are checked here whatever the method (MethodConfig checks them only for
-        # the method that uses them), so that a typo fails before any run.
-        if self.apollo_scale is not None and not (self.apollo_scale > 0 and math.isfinite(self.apollo_scale)):
-            raise ValueError(f"--apollo-scale must be a positive finite number, got {self.apollo_scale!r}")
         if self.apollo_scale_type is not None:
             _choice("apollo_scale_type", self.apollo_scale_type, APOLLO_SCALE_TYPES)
         _choice("muon_adjust_lr", self.muon_adjust_lr, ADJUST_LR)

@@ -228,7 +228,7 @@ def _with_recipe(options: TrainOptions) -> dict[str, Any]:
     if values["rank"] is None:  # APOLLO's published ranks are not RSO's and GaLore's
         values["rank"] = {"apollo": recipe.get("apollo_rank"), "apollo-mini": APOLLO_MINI_RANK}.get(options.optimizer)
     for key, value in recipe.items():
-        if key in ("lr", "target_lr_scale", "apollo_rank") or (key == "steps" and values["tokens"] is not None):
+        if key in ("lr", "target_lr_scale") or (key == "steps" and values["tokens"] is not None):
             continue  # per-method values, and a token budget that sets the steps
         if key in values and values[key] is None:
             values[key] = value
@@ -267,10 +267,10 @@ def _method_config(options: TrainOptions, values: dict[str, Any]) -> MethodConfi
         if isinstance(method.get(name), str):  # a step schedule (TrainOptions checked its syntax)
             schedule = StepSchedule.parse(method[name])
             method[name], method[later] = schedule.first, schedule.later
+    gap = method.get("resample_every", 200)  # GaLore's and APOLLO's projector refresh
     try:
         return MethodConfig(name=options.optimizer, total_steps=steps, warmup_steps=int(options.warmup_ratio * steps),
-                            galore_update_proj_gap=method.get("resample_every", 200),
-                            apollo_update_proj_gap=method.get("resample_every", 200), seed=options.seed, **method)
+                            galore_update_proj_gap=gap, apollo_update_proj_gap=gap, seed=options.seed, **method)
     except (ValueError, TypeError) as err:
         raise ValueError(_as_option_error(str(err))) from None
 
