@@ -22,4 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    from .cluster.driver import end_process
+
+    end_process(code)  # quick: a local Ray instance this process started is stopped at once

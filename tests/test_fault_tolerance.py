@@ -9,6 +9,7 @@ and a developer can vary it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -152,10 +153,43 @@ def test_driver_killed_then_relaunched_resumes_bitwise(micro_config, references,
         time.sleep(0.5)
     assert not left, f"processes left behind by the killed driver: {left}"
     # The run lock of a dead driver is taken over: the relaunch resumes instead of being refused.
-    second = subprocess.run(_cli(cfg, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming at step" in second.stdout + second.stderr
+    second = subprocess.Popen(_cli(cfg, tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    out, tree = _output_and_process_tree(second)
+    assert second.returncode == 0, out[-3000:]
+    assert "resuming at step" in out
     _assert_same_run(cfg, references("2"))
+    # A finished run stops its local instance at once (rso_ray.cluster.driver.end_process, SIGKILL): every
+    # process of it is gone when the command returns, or within a second, the reaper watching the driver aside.
+    time.sleep(1.0)
+    left = [n for pid, t, n in tree if _started_at(pid) == t and "reaper" not in n]
+    assert any("raylet" in n for _, _, n in tree) and not left, f"processes left behind: {left}"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow_experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the killed launch's run, resumed and ended
+
+
+def _output_and_process_tree(proc: subprocess.Popen) -> tuple[str, list[tuple[int, float, str]]]:
+    """The output of a running ``python -m rso_ray.train`` and every process it started (pid, start time,
+    name and command line), sampled while it runs."""
+    import threading
+
+    import psutil
+
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    seen: dict[int, tuple[float, str]] = {}
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    seen.setdefault(child.pid, (child.create_time(), child.name() + " " + " ".join(child.cmdline())))
+        time.sleep(0.2)
+    reader.join(timeout=30)
+    return "".join(chunks), [(pid, t, name) for pid, (t, name) in seen.items()]
 
 
 

@@ -56,8 +56,10 @@ def test_two_workers_train_and_log_to_mlflow(metric_history, baseline) -> None:
     assert [s for s, _ in loss] == [1, *range(2, 17, 2)]  # every log step once
     assert loss[-1][1] < loss[0][1] - 0.5  # the loss falls
     ppl = metric_history(cfg, run_id, "eval/perplexity")
-    # Every 8 steps, and at the first checkpoint (step 4), which reports an eval loss to Ray Tune.
-    assert [s for s, _ in ppl] == [4, 8, 16] and ppl[-1][1] < ppl[0][1]
+    # Every 8 steps and at the end; not at the first checkpoint (step 4): only a Tune trial's reports, which
+    # its scheduler reads, need an eval loss there (tests/test_tune_ray.py), and the pass costs a tenth of a
+    # short run.
+    assert [s for s, _ in ppl] == [8, 16] and ppl[-1][1] < ppl[0][1]
     assert math.isclose(metric_history(cfg, run_id, "eval/loss")[-1][1], summary["eval_loss"], rel_tol=1e-9)
     # The global batch never changes; both workers held the same weights at every checkpoint.
     assert {v for _, v in metric_history(cfg, run_id, "train/global_batch")} == {8.0}

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from ..config import RunConfig
 from ..console import format_table, human_duration
@@ -272,7 +272,10 @@ def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
             print(f"[rso_ray] connecting to {os.environ['RAY_ADDRESS']}", flush=True)
         else:
             print("[rso_ray] starting a local Ray instance", flush=True)
-            local = _own_dashboard()
+            # No dashboard: its process and agents take ~1.7 s of a 2-core machine's start (and CPU after),
+            # and nothing of a local run uses it (the job API is for clusters; Ray Train's one state-API
+            # user, its placement-group cleaner, is left out on this instance: build_trainer).
+            local = {"include_dashboard": False}
         with _ray_processes_in_their_own_group(enabled=bool(local)):
             ray.init(
                 log_to_driver=True,
@@ -328,20 +331,6 @@ def _ray_processes_in_their_own_group(enabled: bool) -> Iterator[None]:
         services.ConsolePopen = popen
 
 
-def _own_dashboard() -> dict[str, Any]:
-    """ray.init options that give a new local instance a dashboard port of its own, and tell its processes
-    (which inherit this environment) to ask that instance's state API: with another Ray instance on the
-    machine, Ray Train's placement-group cleaner otherwise cannot tell which is its own and prints a
-    traceback every few seconds."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    return {"dashboard_port": port}
-
-
 def wait_for_workers(cfg: RunConfig, resources: dict[str, float], started_here: bool) -> dict[str, float]:
     """Return once the cluster has the GPUs the smallest worker group needs. A local instance started by
     this process cannot grow: fail at once. A cluster may be scaling up: wait --resource-wait-s, saying
@@ -381,9 +370,12 @@ class Placement:
     use_gpu: bool
     cpus_per_worker: float
     threads: int
+    own_instance: bool = False
+    """The local Ray instance this driver started: it ends with the driver (and the reaper), so nothing of
+    the run can outlive it."""
 
 
-def place_workers(cfg: RunConfig, resources: dict[str, float]) -> Placement:
+def place_workers(cfg: RunConfig, resources: dict[str, float], own_instance: bool = False) -> Placement:
     """GPU or CPU workers, their logical CPUs and torch threads, from the cluster's resources."""
     _lo, hi = cfg.workers
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
@@ -392,7 +384,7 @@ def place_workers(cfg: RunConfig, resources: dict[str, float]) -> Placement:
     # worker group that takes every CPU would starve the data and hang).
     cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else max(0.25, (cpus - cfg.data_cpus) / hi))
     threads = max(1, int(cpus_per_worker if (use_gpu or cfg.cpus_per_worker) else cpus // hi))
-    return Placement(use_gpu, cpus_per_worker, threads)
+    return Placement(use_gpu, cpus_per_worker, threads, own_instance)
 
 
 def build_trainer(cfg: RunConfig, place: Placement, runtime: WorkerRuntime, callbacks: list[Any] | None) -> Any:
@@ -407,6 +399,19 @@ def build_trainer(cfg: RunConfig, place: Placement, runtime: WorkerRuntime, call
         # Ray Train 2.60 calls this from fit() in the main thread only (not in Tune trials).
         def _register_sigint_handler(self, controller: Any) -> None:
             _on_interrupt(controller)
+
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if not place.own_instance:
+                return callbacks
+            # The placement-group cleaner is a detached actor that removes the group if the controller dies;
+            # on an instance that ends with this driver it has nothing to outlive, and it polls the state
+            # API, which a local instance without a dashboard does not serve.
+            from ray.train.v2._internal.callbacks.placement_group_callback import (
+                PlacementGroupCleanerCallback,
+            )
+
+            return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
 
     lo, hi = cfg.workers
     return Trainer(
@@ -441,7 +446,7 @@ def run(
     """Train; returns the summary (final metrics). The caller turns exceptions into exit codes.
 
     ``parent_run_id`` nests the job's MLflow run under a sweep's run; ``callbacks`` are Ray Train
-    callbacks (a Tune trial passes TuneReportCallback). ``clone_of`` names the PBT trial whose checkpoint
+    callbacks (a Tune trial passes TuneReportCallback): with them every report carries an eval loss. ``clone_of`` names the PBT trial whose checkpoint
     the caller copied into this run's folder (rso_ray.tuning.pbt): the stricter checks of a clone apply."""
     from .runlock import RunLock
 
@@ -478,7 +483,7 @@ def _run_locked(cfg: RunConfig, prep: Prepared, folder: str, info: RunInfo | Non
         store = pool.submit(tracking.open_store, cfg.mlflow_tracking_uri)
         resources, started_here = _init_ray(cfg.max_failures)
         store.result()
-    place = place_workers(cfg, wait_for_workers(cfg, resources, started_here))
+    place = place_workers(cfg, wait_for_workers(cfg, resources, started_here), own_instance=started_here)
     run_id = tracking.start_run(
         cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,
         run_id=info.mlflow_run_id if info else None, parent_run_id=parent_run_id,
@@ -524,6 +529,7 @@ def _fit(cfg: RunConfig, prep: Prepared, folder: str, run_id: str, place: Placem
         run_dir=folder, launch_id=launch_id, mlflow_run_id=run_id, vocab_size=prep.vocab_size, source=prep.source,
         data_fingerprint=prep.source.fingerprint(), epochs=prep.epochs, validation=ray.put(prep.validation),
         threads=place.threads, llama_1b_comm_ratio=prep.comm_ratio_llama_1b,
+        eval_with_every_report=callbacks is not None,  # reports with a reader (Tune)
     )
     write_outcome(runtime.outcome_uri, Outcome(status="running", launch_id=launch_id, since=time.time()))
     print(
@@ -537,11 +543,25 @@ def _fit(cfg: RunConfig, prep: Prepared, folder: str, run_id: str, place: Placem
           + (f"; {prep.validation_note}" if prep.validation_note else "") + f"); {prep.source.describe_validation()}",
           flush=True)
     keep_data_actors_on_this_node()
+    if place.own_instance:
+        lean_local_train_controller()
     build_trainer(cfg, place, runtime, callbacks).fit()
     outcome = read_outcome(runtime.outcome_uri)
     if outcome is None or outcome.launch_id != launch_id or outcome.status == "running":
         raise RuntimeError(f"the workers ended without a result (see {runtime.outcome_uri} and the Ray logs)")
     return outcome
+
+
+def lean_local_train_controller() -> None:
+    """Ray Train settings for an instance this driver started (one machine, ending with the driver), where
+    its cluster services have nothing to do; each is an environment variable Ray Train reads in the driver
+    and passes to its controller, and one the user set wins. No preemption watcher (an actor polling for
+    spot nodes being drained: this machine is not one); no Prometheus metrics (no dashboard reads them);
+    worker health polled every 0.5 s instead of 2 s, so that the end of training (and a failed worker) is
+    noticed sooner: the wait after the last step was 1-2 s of every local job."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def keep_data_actors_on_this_node() -> None:
@@ -640,6 +660,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         return 1
     return 0
+
+
+def end_process(code: int) -> NoReturn:
+    """End ``python -m rso_ray.train`` with ``code``. If this process started its own Ray instance, stop the
+    instance's processes at once (SIGKILL) and leave without the interpreter's teardown: the run is over and
+    what it wrote is closed (checkpoints published by the workers, the MLflow run ended), and nothing of a
+    local instance is kept. Ray's graceful shutdown (SIGTERM and a wait, process by process) and the teardown
+    took ~4 s of every local job (benchmarks/results/job_timeline_cpu.md)."""
+    import logging
+
+    from .reaper import kill_local_instance
+
+    ray = sys.modules.get("ray")
+    node = getattr(ray._private.worker, "_global_node", None) if ray is not None else None
+    if node is None or not getattr(node, "head", False):
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    kill_local_instance()
+    os._exit(code)
 
 
 def _root_cause(err: BaseException) -> BaseException:

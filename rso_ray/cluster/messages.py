@@ -37,6 +37,10 @@ class WorkerRuntime:
     """torch threads per worker."""
     llama_1b_comm_ratio: float
     """RSO's gradient bytes per step over AdamW's, for llama-1b at r = 512 (logged beside the measured bytes)."""
+    eval_with_every_report: bool = False
+    """Evaluate before a checkpoint that no evaluation preceded, so that every report carries an eval loss: a
+    Tune trial's reports are read by its scheduler. A plain run's are not, and skips that evaluation (one
+    more pass over the validation set, a tenth of the default run's time)."""
 
     @property
     def outcome_uri(self) -> str:

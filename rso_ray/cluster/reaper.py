@@ -56,12 +56,27 @@ def watch(driver_pid: int) -> int:
     return 0
 
 
+_WATCHERS: list[int] = []  # pids of the watchers this process started
+
+
 def start_watcher() -> None:
     """Watch this process (the driver that just started a local Ray instance)."""
-    subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "rso_ray.cluster.reaper", str(os.getpid())],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
+    _WATCHERS.append(proc.pid)
+
+
+def kill_local_instance() -> None:
+    """SIGKILL every process this driver started, its watcher aside (Ray's GCS, raylet, agents and workers), without
+    waiting: for a driver whose run is over and which is about to exit."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        if child.pid not in _WATCHERS:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
 
 if __name__ == "__main__":

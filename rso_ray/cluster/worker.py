@@ -388,7 +388,7 @@ class WorkerLoop:
         do_ckpt = (p.checkpoint_due(cfg.checkpoint_every) and self.method.at_boundary) or last
         if last:
             p.merges += int(self.method.finish())  # RSO folds its last partial subspace in
-        if do_eval or (do_ckpt and p.last_eval is None):
+        if do_eval or (do_ckpt and p.last_eval is None and self.rt.eval_with_every_report):
             ev = self.evaluate()
             p.last_eval = ev.loss
             self.tracker.log_metrics({"eval/loss": ev.loss, "eval/perplexity": ev.perplexity, "eval/tokens": ev.tokens}, step=p.step)
