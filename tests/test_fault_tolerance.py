@@ -120,6 +120,18 @@ def _started_at(pid: int) -> float | None:
         return None
 
 
+def _running(pid: int, started: float) -> bool:
+    """Whether the process that started at ``started`` still runs (a killed one may linger as a zombie until
+    the init process reaps it: it holds nothing)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _cli(cfg: RunConfig, cwd: Path) -> list[str]:
     args = [sys.executable, "-m", "rso_ray.train"]
     for key in ("model", "steps", "global_batch_size", "micro_batch_size", "rank", "resample_every", "log_every",
@@ -162,7 +174,7 @@ def test_driver_killed_then_relaunched_resumes_bitwise(micro_config, references,
     # A finished run stops its local instance at once (rso_ray.cluster.driver.end_process, SIGKILL): every
     # process of it is gone when the command returns, or within a second, the reaper watching the driver aside.
     time.sleep(1.0)
-    left = [n for pid, t, n in tree if _started_at(pid) == t and "reaper" not in n]
+    left = [n for pid, t, n in tree if _running(pid, t) and "reaper" not in n]
     assert any("raylet" in n for _, _, n in tree) and not left, f"processes left behind: {left}"
     from mlflow.tracking import MlflowClient
 
