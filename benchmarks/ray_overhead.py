@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from common import machine_description  # benchmarks/common.py
 
+from rso_ray.cluster.driver import place_workers
 from rso_ray.config import RunConfig, parse_config
 
 
@@ -92,7 +93,7 @@ def main() -> None:
     cfg, _ = parse_config([*args.train_args, "--steps", str(args.steps)])
     if cfg.workers != (1, 1):
         parser.error(f"the Ray side is one worker (the bare step is one process); got --workers {cfg.workers_text()}")
-    threads = max(1, (os.cpu_count() or 1))  # what the driver gives one CPU worker: every core (place_workers)
+    threads = place_workers(cfg, {"CPU": float(os.cpu_count() or 1)}).threads  # what the driver gives the worker
     rows = []
     for run in range(1, args.runs + 1):
         ray, window = ray_rate(args.train_args, cfg, args.from_step)

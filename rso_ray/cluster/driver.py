@@ -74,15 +74,21 @@ _SIGNALS: list[int] = []  # the signals the driver got during fit(), newest last
 _LOCAL_RAY_GONE: list[bool] = []  # set when the Ray instance this driver started died with a signal
 
 
+def _own_local_node() -> Any:
+    """Ray's handle of the local instance this process started (its head node), or None when Ray is not loaded,
+    not initialized, or joined a cluster started elsewhere."""
+    ray = sys.modules.get("ray")
+    node = getattr(ray._private.worker, "_global_node", None) if ray is not None else None
+    return node if getattr(node, "head", False) else None
+
+
 def local_ray_died(wait_s: float = 2.0) -> bool:
     """Whether the Ray instance this process started (not a cluster it joined) has lost its GCS or raylet.
     Its processes run in a process group of their own (_ray_processes_in_their_own_group), so a signal to
     the driver's group no longer reaches them; this catches them killed some other way, and the short wait
     lets a raylet that is still dying be seen."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is None or not getattr(node, "head", False):
+    node = _own_local_node()
+    if node is None:
         return False
     deadline = time.monotonic() + wait_s
     while True:
@@ -288,8 +294,7 @@ def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
     from .ray_console import install_log_filter
 
     install_log_filter(lambda text: print(f"[rso_ray] {text}", flush=True), max_failures=max_failures)
-    node = getattr(ray._private.worker, "_global_node", None)
-    started_here = bool(getattr(node, "head", False))
+    started_here = _own_local_node() is not None
     if initialized_here and started_here:
         from .reaper import start_watcher
 
@@ -446,8 +451,9 @@ def run(
     """Train; returns the summary (final metrics). The caller turns exceptions into exit codes.
 
     ``parent_run_id`` nests the job's MLflow run under a sweep's run; ``callbacks`` are Ray Train
-    callbacks (a Tune trial passes TuneReportCallback): with them every report carries an eval loss. ``clone_of`` names the PBT trial whose checkpoint
-    the caller copied into this run's folder (rso_ray.tuning.pbt): the stricter checks of a clone apply."""
+    callbacks (a Tune trial passes TuneReportCallback): with them every report carries an eval loss.
+    ``clone_of`` names the PBT trial whose checkpoint the caller copied into this run's folder
+    (rso_ray.tuning.pbt): the stricter checks of a clone apply."""
     from .runlock import RunLock
 
     t0 = time.time()
@@ -672,9 +678,7 @@ def end_process(code: int) -> NoReturn:
 
     from .reaper import kill_local_instance
 
-    ray = sys.modules.get("ray")
-    node = getattr(ray._private.worker, "_global_node", None) if ray is not None else None
-    if node is None or not getattr(node, "head", False):
+    if _own_local_node() is None:
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
