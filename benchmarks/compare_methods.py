@@ -15,6 +15,11 @@ judged at its best learning rate of the grid by the loss on a fixed validation s
 target_lr_scale, inner_state, inner_warmup, apollo_scale, muon_adjust_lr (a bare method name is its own
 label); resample_every is also GaLore's and APOLLO's projection refresh gap. The memory breakdown is one measured step per variant on the same batch.
 
+With --checkpoint-dir every run is saved at each evaluation (rso_ray's own checkpoints: weights, optimizer
+state, RNG, and the curve so far); the same command run again resumes from the newest step that every run of
+the invocation has, with the same curves bit for bit (same machine and threads): a run of an hour survives a
+crash or the end of a session. The folder holds one subfolder per (variant, lr).
+
 Writes <out>.json (every run, every eval point, every step time), <out>.md (the tables: best lr per
 variant, the ratio of its final eval loss to AdamW's and its worst ratio after the first 10% of steps)
 and <out>.png (eval loss and perplexity curves of each variant at its best lr); --mlflow-tracking-uri
@@ -24,6 +29,7 @@ also logs them to an MLflow run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -44,6 +50,15 @@ from rso_ray.data.embedded_assets import embedded_shards
 from rso_ray.data.packing import BlockStream
 from rso_ray.data.tokenizer import load_tokenizer
 from rso_ray.models import build_model
+from rso_ray.training.checkpoint import (
+    checkpoint_name,
+    checkpoints,
+    is_complete,
+    load_checkpoint,
+    prune,
+    read_state,
+    write_checkpoint,
+)
 from rso_ray.training.engine import evaluate, train_step
 
 DEFAULT_LRS = {"rso": [1e-3, 3e-3, 6e-3], "adamw": [1e-3, 3e-3, 6e-3], "galore": [3e-3, 1e-2, 3e-2],
@@ -124,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     add_device_options(p)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="save every run at each evaluation into this folder, and resume from it when it holds "
+                        "checkpoints of these runs (same settings)")
     args = p.parse_args(argv)
     results = merge_results(args.merge) if args.merge else train_runs(args)
     report(results, args)
@@ -167,8 +185,11 @@ def train_runs(args: argparse.Namespace) -> dict:
             runs.append({"method": label, "lr": lr, "model": model, "opt": build_method(model, method_config(label, lr, args.steps)),
                          "times": [], "losses": [], "evals": []})
     print(f"{len(runs)} runs in lockstep: {args.model}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens", flush=True)
-    t_start = time.time()
-    for step in range(1, args.steps + 1):
+    first, done_s = resume_runs(args, runs, method_config) if args.checkpoint_dir else (1, 0.0)
+    for _ in range(first - 1):  # the batches the restored runs have trained on
+        next(train)
+    t_start = time.time() - done_s
+    for step in range(first, args.steps + 1):
         ids = torch.from_numpy(next(train)).long().to(device)
         for run in runs:
             r = train_step(run["model"], run["opt"], [ids], max_grad_norm=args.max_grad_norm, autocast_dtype=amp)
@@ -179,6 +200,8 @@ def train_runs(args: argparse.Namespace) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             line = "  ".join(f"{r['method']}@{r['lr']:g} {r['evals'][-1][1]:.3f}" for r in runs)
             print(f"step {step} ({time.time() - t_start:.0f}s) eval: {line}", flush=True)
+            if args.checkpoint_dir:
+                save_runs(args, runs, method_config, step, time.time() - t_start)
 
     # Memory: one measured step per method, same batch, fresh models.
     memory = {}
@@ -199,6 +222,57 @@ def train_runs(args: argparse.Namespace) -> dict:
         "vocab": vocab, "eval_sequences": len(val), "machine": f"torch {torch.__version__} on {machine}",
         "wall_time_s": [time.time() - t_start],
     }
+
+
+def _run_folder(root: Path, run: dict) -> Path:
+    """A run's checkpoint folder: its label and lr, with characters a path cannot hold replaced."""
+    return root / re.sub(r"[^\w.@+=-]", "_", f"{run['method']}@{run['lr']!r}")
+
+
+def _identity(args: argparse.Namespace, run: dict, method_config) -> dict:
+    """What a checkpoint must have been written with to be resumed by this run, as JSON reads it back."""
+    config = dataclasses.asdict(method_config(run["method"], run["lr"], args.steps))
+    same = {k: getattr(args, k) for k in SAME_SETTINGS}
+    return json.loads(json.dumps({"settings": same, "method": config}, default=list))
+
+
+def save_runs(args: argparse.Namespace, runs: list[dict], method_config, step: int, elapsed: float) -> None:
+    """Every run's checkpoint at ``step``; the two newest are kept, so that a crash between two runs'
+    writes leaves a step that all of them have."""
+    for run in runs:
+        folder = _run_folder(args.checkpoint_dir, run)
+        state = {"step": step, "compare": _identity(args, run, method_config), "elapsed_s": elapsed,
+                 "times": run["times"], "losses": run["losses"], "evals": run["evals"]}
+        write_checkpoint(folder / checkpoint_name(step), model=run["model"], method=run["opt"], state=state)
+        prune(folder, keep=2)
+
+
+def resume_runs(args: argparse.Namespace, runs: list[dict], method_config) -> tuple[int, float]:
+    """Restore every run from the newest step all of them have in --checkpoint-dir; returns (the first step
+    to train, the seconds already spent). Runs without checkpoints start at step 1 only if none has any."""
+    steps = {id(run): {s for s, path in checkpoints(_run_folder(args.checkpoint_dir, run)) if is_complete(path)}
+             if _run_folder(args.checkpoint_dir, run).is_dir() else set() for run in runs}
+    if not any(steps.values()):
+        return 1, 0.0
+    common = set.intersection(*steps.values())
+    if not common:
+        have = ", ".join(f"{r['method']}@{r['lr']:g} at {max(steps[id(r)], default='none')}" for r in runs)
+        raise SystemExit(f"--checkpoint-dir {args.checkpoint_dir}: its runs have no step in common ({have}); "
+                         "resume with the variants and lrs it was written with, or use a new folder")
+    step = max(common)
+    for run in runs:
+        path = _run_folder(args.checkpoint_dir, run) / checkpoint_name(step)
+        want, had = _identity(args, run, method_config), read_state(path).get("compare", {})
+        diff = sorted(k for part in ("settings", "method") for k in want[part]
+                      if had.get(part, {}).get(k) != want[part][k])
+        if diff:
+            raise SystemExit(f"--checkpoint-dir: {path} was written with other settings ({', '.join(diff)}): "
+                             "use a new folder for these")
+        state = load_checkpoint(path, model=run["model"], method=run["opt"])
+        run["times"], run["losses"] = state["times"], state["losses"]
+        run["evals"] = [tuple(e) for e in state["evals"]]
+    print(f"resumed {len(runs)} run(s) at step {step} from {args.checkpoint_dir}", flush=True)
+    return step + 1, float(state["elapsed_s"])
 
 
 def merge_results(paths: list[Path]) -> dict:

@@ -131,3 +131,33 @@ def test_the_mlflow_copy_holds_the_curves(two_batches: Path, tmp_path: Path) -> 
     artifacts = {f.path for f in client.list_artifacts(run_id)}
     assert artifacts == {"m.json", "m.md", "m.png"}
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_resumed_invocation_gives_the_same_curves(tmp_path: Path) -> None:
+    """--checkpoint-dir: a crash after step 3 (simulated by deleting step 6's checkpoints, of one run only:
+    the runs resume from the newest step all of them have) changes no loss, bit for bit. RSO's tau of 4
+    puts step 3 inside a subspace, so B and its inner state travel in the checkpoint."""
+    runs = ["--variants", "adamw", "rso-t4:rso:resample_every=4", "muon", "--lrs", "adamw=3e-3", "rso-t4=1e-2",
+            "muon=3e-3"]
+    compare(*COMMON, *runs, "--out", tmp_path / "straight")
+    ckpt = tmp_path / "ckpt"
+    compare(*COMMON, *runs, "--out", tmp_path / "saved", "--checkpoint-dir", ckpt)
+    folders = sorted(p.name for p in ckpt.iterdir())
+    assert folders == ["adamw@0.003", "muon@0.003", "rso-t4@0.01"]
+    assert sorted(p.name for p in (ckpt / "muon@0.003").iterdir()) == ["checkpoint_00000003", "checkpoint_00000006"]
+    import shutil
+
+    shutil.rmtree(ckpt / "rso-t4@0.01" / "checkpoint_00000006")
+    out = compare(*COMMON, *runs, "--out", tmp_path / "resumed", "--checkpoint-dir", ckpt)
+    assert f"resumed 3 run(s) at step 3 from {ckpt}" in out.stdout
+    assert "step 3 (" not in out.stdout and "step 6 (" in out.stdout
+    straight, saved, resumed = (json.loads((tmp_path / f"{x}.json").read_text())["runs"]
+                                for x in ("straight", "saved", "resumed"))
+    for a, b, c in zip(straight, saved, resumed, strict=True):
+        assert a["method"] == b["method"] == c["method"]
+        assert a["losses"] == b["losses"] == c["losses"] and a["evals"] == b["evals"] == c["evals"]
+        assert len(c["times"]) == 6
+    out = compare(*COMMON, *runs, "--max-grad-norm", "0.5", "--checkpoint-dir", ckpt, check=False)
+    assert out.returncode != 0 and "was written with other settings (max_grad_norm): use a new folder" in out.stderr
+    out = compare(*COMMON, "--variants", "adamw", "--lrs", "adamw=1e-3", "--checkpoint-dir", ckpt)
+    assert "resumed" not in out.stdout  # another lr: a run of its own, from step 1
