@@ -41,8 +41,8 @@ from rso_ray.memory import fsdp_per_worker, measure_methods
 METHODS = {
     "adamw": ("adamw", "adamw"),
     "galore": ("galore-r48", "galore"),
-    "apollo": ("apollo-r48", "apollo"),
-    "apollo-mini": ("apollo-mini-r1", "apollo-mini"),
+    "apollo": ("apollo", "apollo"),  # rank 48 (the command's --rank), as GaLore's and RSO's
+    "apollo-mini": ("apollo-mini", "apollo-mini"),  # rank 1 (its own definition)
     "muon": ("muon", "muon"),
     "rso": ("rso-coord-r48", "rso-coordinate"),
     "rso-muon": ("rso-coord-r48-muon", "rso-coordinate-muon"),
@@ -90,6 +90,13 @@ def losses(path: Path) -> dict[str, tuple[float, float, list[float]]]:
     return out
 
 
+def lr_cell(best: float, grid: list[float]) -> str:
+    """The best lr and the grid it was chosen from; flagged when it lies on the grid's edge (then a
+    larger or smaller lr might do better, and the method's loss ratio is an upper bound)."""
+    edge = len(grid) < 3 or best in (grid[0], grid[-1])
+    return f"{best:g} (of {', '.join(f'{x:g}' for x in grid)}){' (edge)' if edge else ''}"
+
+
 def front(points: dict[str, tuple[float, float]]) -> list[str]:
     """Methods no other method beats on both memory and loss."""
     return [m for m, (mem, loss) in points.items()
@@ -122,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                           "lr_grid": loss[variant][2] if variant in loss else None,
                           "ranks": {m: recipe_rank(m, method) for m in ("llama-1b", "llama-7b")}}
         rows.append([method, human_bytes(mem1), human_bytes(mem8), f"{t:.3f}" if t else "-", f"{t1:.3f}" if t1 else "-",
-                     f"{ratio:.3f}" if ratio else "-", f"{loss[variant][0]:g}" if variant in loss else "-"])
+                     f"{ratio:.3f}" if ratio else "-", lr_cell(*loss[variant][::2]) if variant in loss else "-"])
     fronts = {panel: front({m: (r[key], r["loss_ratio"]) for m, r in record.items() if r["loss_ratio"]})
               for panel, key in (("llama-1b, 1 GPU", "llama-1b_1gpu_bytes"), ("llama-7b, FSDP x 8", "llama-7b_fsdp8_bytes"))}
     headers = ["method", "llama-1b, 1 GPU", "llama-7b, FSDP x 8 (per GPU)", "step / adamw, 512 seq.",
-               "step / adamw, 4 seq.", "loss / best (llama-mini)", "best lr"]
+               "step / adamw, 4 seq.", "loss / best (llama-mini)", "best lr (of the grid)"]
     print(format_table(headers, rows))
     for panel, names in fronts.items():
         print(f"front, {panel}: {', '.join(names)}")
