@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -257,3 +258,32 @@ def test_interrupt_marks_the_run_killed_and_says_how_to_resume(micro_config, ray
     # The checkpoints it wrote are intact: the newest complete one is at least the one waited for.
     newest = latest_checkpoint(str(Path(cfg.storage_path) / cfg.run_name))
     assert newest is not None and read_state(newest)["step"] >= 8
+
+
+def test_one_worker_runs_in_the_driver_and_restarts_after_an_error(micro_config, train_run, references, tmp_path: Path,
+                                                                   capsys) -> None:
+    """One CPU worker on an instance this process started trains in this process (Ray Train's local mode: no
+    controller or worker actor to start). An exception in its loop restarts the loop from the newest
+    checkpoint, as Ray Train restarts a failed worker group: the result is the uninterrupted run's, to the
+    bit. With no restart left, the error ends the run and its MLflow run is FAILED."""
+    from rso_ray.cluster.faults import InjectedFault
+
+    threads = torch.get_num_threads()
+    cfg = micro_config(tmp_path / "a", RUN, workers="1", fault_plan="10:0:error")
+    summary = train_run(cfg)
+    out = capsys.readouterr().out
+    assert ("[rso_ray] the training loop failed (InjectedFault: planned error of worker 0 after step 10); restarting "
+            "it from the newest checkpoint (1 of 6, --max-failures)") in out
+    assert re.search(r"resuming at step \d+ from checkpoint_\d+ \(restart 1 after a worker failure", out), out[-3000:]
+    assert summary["steps"] == cfg.steps and summary["consumed_blocks"] == cfg.steps * cfg.global_batch_size
+    _assert_same_run(cfg, references("1"))
+    assert torch.get_num_threads() == threads  # the loop set its own count, this process's was put back
+
+    cfg = micro_config(tmp_path / "b", RUN, workers="1", fault_plan="10:0:error", max_failures=0)
+    with pytest.raises(InjectedFault, match="planned error of worker 0 after step 10"):
+        train_run(cfg)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("rso_ray").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -8,6 +8,7 @@ MLflow run and the data, run a Ray Train TorchTrainer, and print a summary.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -124,7 +125,7 @@ def _on_interrupt(controller: Any) -> None:
                 _LOCAL_RAY_GONE.append(True)
                 print("[rso_ray] the local Ray instance stopped with the same signal, and its workers with it",
                       flush=True)
-            else:
+            elif controller is not None:  # None: the training loop runs in this process, the raise stops it
                 # The controller exits inside abort(), so the call may end in RayActorError: that is the success.
                 with contextlib.suppress(Exception):
                     ray.get(controller.abort.remote(), timeout=60)
@@ -291,6 +292,9 @@ def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
                 **local,
             )
     DataContext.get_current().enable_progress_bars = False
+    # Ray Data's notice that the bars are off (logged where a dataset first runs: here, for a loop in this
+    # process); the console filter drops it from workers.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     from .ray_console import install_log_filter
 
     install_log_filter(lambda text: print(f"[rso_ray] {text}", flush=True), max_failures=max_failures)
@@ -336,6 +340,7 @@ def _ray_processes_in_their_own_group(enabled: bool) -> Iterator[None]:
         services.ConsolePopen = popen
 
 
+
 def wait_for_workers(cfg: RunConfig, resources: dict[str, float], started_here: bool) -> dict[str, float]:
     """Return once the cluster has the GPUs the smallest worker group needs. A local instance started by
     this process cannot grow: fail at once. A cluster may be scaling up: wait --resource-wait-s, saying
@@ -378,9 +383,14 @@ class Placement:
     own_instance: bool = False
     """The local Ray instance this driver started: it ends with the driver (and the reaper), so nothing of
     the run can outlive it."""
+    in_process: bool = False
+    """The training loop runs in this process (Ray Train's local mode): one CPU worker on an instance this
+    driver started, outside Tune. A worker actor would add nothing there but its start: Ray Train's
+    controller and the worker each a new process that imports torch (~8 s of a 2-core machine's start)."""
 
 
-def place_workers(cfg: RunConfig, resources: dict[str, float], own_instance: bool = False) -> Placement:
+def place_workers(cfg: RunConfig, resources: dict[str, float], own_instance: bool = False,
+                  tune_trial: bool = False) -> Placement:
     """GPU or CPU workers, their logical CPUs and torch threads, from the cluster's resources."""
     _lo, hi = cfg.workers
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
@@ -389,7 +399,8 @@ def place_workers(cfg: RunConfig, resources: dict[str, float], own_instance: boo
     # worker group that takes every CPU would starve the data and hang).
     cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else max(0.25, (cpus - cfg.data_cpus) / hi))
     threads = max(1, int(cpus_per_worker if (use_gpu or cfg.cpus_per_worker) else cpus // hi))
-    return Placement(use_gpu, cpus_per_worker, threads, own_instance)
+    in_process = own_instance and cfg.workers == (1, 1) and not use_gpu and not tune_trial
+    return Placement(use_gpu, cpus_per_worker, threads, own_instance, in_process)
 
 
 def build_trainer(cfg: RunConfig, place: Placement, runtime: WorkerRuntime, callbacks: list[Any] | None) -> Any:
@@ -423,7 +434,7 @@ def build_trainer(cfg: RunConfig, place: Placement, runtime: WorkerRuntime, call
         train_loop_per_worker,
         train_loop_config={"config": cfg, "runtime": runtime},
         scaling_config=ScalingConfig(
-            num_workers=(lo, hi) if hi > lo else lo,
+            num_workers=0 if place.in_process else (lo, hi) if hi > lo else lo,  # 0: Ray Train's local mode
             use_gpu=place.use_gpu,
             resources_per_worker={"CPU": place.cpus_per_worker} | ({"GPU": 1} if place.use_gpu else {})
             | cfg.worker_resources,
@@ -489,7 +500,8 @@ def _run_locked(cfg: RunConfig, prep: Prepared, folder: str, info: RunInfo | Non
         store = pool.submit(tracking.open_store, cfg.mlflow_tracking_uri)
         resources, started_here = _init_ray(cfg.max_failures)
         store.result()
-    place = place_workers(cfg, wait_for_workers(cfg, resources, started_here), own_instance=started_here)
+    place = place_workers(cfg, wait_for_workers(cfg, resources, started_here), own_instance=started_here,
+                          tune_trial=callbacks is not None)
     run_id = tracking.start_run(
         cfg.mlflow_tracking_uri, cfg.mlflow_experiment, cfg.run_name,
         run_id=info.mlflow_run_id if info else None, parent_run_id=parent_run_id,
@@ -534,7 +546,7 @@ def _fit(cfg: RunConfig, prep: Prepared, folder: str, run_id: str, place: Placem
     runtime = WorkerRuntime(
         run_dir=folder, launch_id=launch_id, mlflow_run_id=run_id, vocab_size=prep.vocab_size, source=prep.source,
         data_fingerprint=prep.source.fingerprint(), epochs=prep.epochs, validation=ray.put(prep.validation),
-        threads=place.threads, llama_1b_comm_ratio=prep.comm_ratio_llama_1b,
+        threads=place.threads, llama_1b_comm_ratio=prep.comm_ratio_llama_1b, in_process=place.in_process,
         eval_with_every_report=callbacks is not None,  # reports with a reader (Tune)
     )
     write_outcome(runtime.outcome_uri, Outcome(status="running", launch_id=launch_id, since=time.time()))
@@ -551,11 +563,45 @@ def _fit(cfg: RunConfig, prep: Prepared, folder: str, run_id: str, place: Placem
     keep_data_actors_on_this_node()
     if place.own_instance:
         lean_local_train_controller()
-    build_trainer(cfg, place, runtime, callbacks).fit()
+    trainer = build_trainer(cfg, place, runtime, callbacks)
+    if place.in_process:
+        _fit_in_process(trainer, cfg.max_failures)
+    else:
+        trainer.fit()
     outcome = read_outcome(runtime.outcome_uri)
     if outcome is None or outcome.launch_id != launch_id or outcome.status == "running":
         raise RuntimeError(f"the workers ended without a result (see {runtime.outcome_uri} and the Ray logs)")
     return outcome
+
+
+def _fit_in_process(trainer: Any, max_failures: int) -> None:
+    """Ray Train's local mode: the training loop runs here, and an exception in it is what a worker's failure
+    is to Ray Train: the loop starts again from the newest checkpoint, up to ``max_failures`` times (-1: no
+    limit), as FailureConfig would have it. A signal stops the loop where it is (the run is marked KILLED by
+    the caller); the checkpoints already written are complete or ignored."""
+    import threading
+
+    import torch
+
+    if threading.current_thread() is threading.main_thread():  # only it may set signal handlers
+        _on_interrupt(None)
+    threads = torch.get_num_threads()  # the loop sets the worker's own: this process's are put back after
+    failures = 0
+    try:
+        while True:
+            try:
+                trainer.fit()
+                return
+            except Exception as err:
+                failures += 1
+                if 0 <= max_failures < failures:
+                    raise
+                cause = _root_cause(err)
+                print(f"[rso_ray] the training loop failed ({type(cause).__name__}: {cause}); restarting it from "
+                      f"the newest checkpoint ({failures} of {'unlimited' if max_failures < 0 else max_failures}, "
+                      "--max-failures)", flush=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def lean_local_train_controller() -> None:

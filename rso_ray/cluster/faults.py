@@ -4,7 +4,8 @@ the restarts it causes).
 
     python -m rso_ray.train --fault-plan 10:1:step     # worker 1 dies after step 10, once
 
-The point ``hold`` pauses instead: worker RANK waits after STEP, each time it gets there (a relaunch or a
+The point ``error`` raises :class:`InjectedFault` in the training loop instead (after STEP, once): what a
+bug or a transient I/O error does, the process alive. The point ``hold`` pauses instead: worker RANK waits after STEP, each time it gets there (a relaunch or a
 resized worker group included), until the run folder holds a file ``.release_STEP``. An autoscaling test
 uses it to keep a short run going until the autoscaler has acted, instead of racing it.
 """
@@ -16,6 +17,10 @@ import signal
 import time
 
 from ..training import storage
+
+
+class InjectedFault(RuntimeError):
+    """The exception of a planned ``error`` fault."""
 
 
 class FaultPlan:
@@ -44,6 +49,9 @@ class FaultPlan:
         if self.due(step, point):
             self.fire(step, point)
         if point == "step":
+            if self.due(step, "error"):
+                print(f"[rso_ray] fault injection: worker {self.rank} raises an error (step {step})", flush=True)
+                raise InjectedFault(f"planned error of worker {self.rank} after step {step}")
             self.hold(step)
 
     def hold(self, step: int) -> None:

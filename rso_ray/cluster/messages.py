@@ -41,6 +41,9 @@ class WorkerRuntime:
     """Evaluate before a checkpoint that no evaluation preceded, so that every report carries an eval loss: a
     Tune trial's reports are read by its scheduler. A plain run's are not, and skips that evaluation (one
     more pass over the validation set, a tenth of the default run's time)."""
+    in_process: bool = False
+    """The training loop runs in the driver's process (rso_ray.cluster.driver.Placement.in_process): its
+    tokenizer actors are not restarted by Ray Data, the loop's restart rebuilds the stream instead."""
 
     @property
     def outcome_uri(self) -> str:

@@ -227,7 +227,7 @@ class WorkerLoop:
             self.rt.source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=self.rt.vocab_size,
             seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed, on_bad_line=cfg.on_bad_line,
             concurrency=cfg.data_actor_range(), data_cpus=cfg.data_cpus,
-            buffer_mb=cfg.data_buffer_mb,
+            buffer_mb=cfg.data_buffer_mb, restart_actors=not self.rt.in_process,
         )
         feed = DataFeed.from_dataset(dataset, self.consumed, batch_rows=min(cfg.global_batch_size, 256),
                                      files=len(self.rt.source.train))
@@ -487,7 +487,8 @@ def quiet_ray_loggers() -> None:
     """Ray Train logs every report at INFO and Ray Data its execution plans: not for the user's console."""
     names = ("ray.train", "ray.data", "ray.tune")
     for name in [*names, *(n for n in logging.root.manager.loggerDict if n.startswith(names))]:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.level, logging.WARNING))  # one set quieter (by the driver, in-process) stays
 
 
 def _stop(rt: WorkerRuntime, status: str, message: str) -> None:

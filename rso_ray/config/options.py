@@ -21,7 +21,7 @@ USE_GPU = ("auto", "true", "false")
 PARALLELISMS = ("ddp", "fsdp")
 EXPORT_HF = ("none", "folder", "mlflow")
 ON_BAD_LINE = ("skip", "error")
-FAULT_POINTS = ("step", "report", "checkpoint", "hold")
+FAULT_POINTS = ("step", "report", "checkpoint", "hold", "error")
 # Options that take a step schedule (32,64@600) as well as one value: RSO changes them at subspace boundaries.
 SCHEDULED = ("rank", "resample_every")
 # Options that must be positive integers when given (None: the recipe's).
@@ -190,7 +190,9 @@ class TrainOptions:
         "fault injection for tests: 'STEP:RANK:POINT,...' kills worker RANK (SIGKILL) once per run at STEP, "
         "POINT one of step (after the step), report (just after the report), checkpoint (while rank 0 "
         "writes it: files written, marker not), or hold (worker RANK waits after STEP, every time it gets "
-        "there, until the run folder holds a file .release_STEP: a test's way to pace a run against events outside it)", suppress=True))
+        "there, until the run folder holds a file .release_STEP: a test's way to pace a run against events outside it), "
+        "or error (worker RANK raises an exception after STEP, once: an error in the training loop, the process "
+        "alive)", suppress=True))
     nan_loss_from_step: int | None = field(default=None, metadata=_help(
         "fault injection for tests: every step from this one on has a NaN loss (a diverged run)", suppress=True))
 

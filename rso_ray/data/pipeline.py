@@ -257,8 +257,17 @@ def build_train_dataset(
     concurrency: int | tuple[int, int] = (1, 4),
     data_cpus: float = 1.0,
     buffer_mb: int = 64,
+    restart_actors: bool = True,
 ) -> Any:
-    """A lazy Ray Dataset of packed blocks, in a fixed order, without the blocks in ``consumed``."""
+    """A lazy Ray Dataset of packed blocks, in a fixed order, without the blocks in ``consumed``.
+
+    ``restart_actors=False``: a tokenizer actor that dies is not restarted by Ray Data (its default restarts
+    it and retries its unit); the reader's stream fails, and the training loop's restart rebuilds it from the
+    newest checkpoint's position. For a loop in the driver's own process, where Ray Data's restartable actors
+    make the driver's core worker print an ERROR line (ray-project/ray#57733) that a worker keeps in its
+    log file."""
+    import warnings
+
     import ray.data
 
     units = train_units(source, seed=seed, epochs=epochs, consumed=consumed)
@@ -281,14 +290,19 @@ def build_train_dataset(
     # One unit per block for parallel reads, at most MAX_BLOCKS blocks (each then holds a few units, read in
     # order by one task) so that hundreds of epochs of a big file list stay cheap to plan.
     ds = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_BLOCKS))
-    return ds.map_batches(
-        TokenizePackUnits,
-        fn_constructor_args=(tokenizer, seq_len, vocab_size),
-        fn_constructor_kwargs={"on_bad_line": on_bad_line, "holdout": source.holdout_side("train")},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_cpus=data_cpus,
-    )
+    actor_options = {} if restart_actors else {"max_restarts": 0}
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for it yet and calls the ray_remote_args route deprecated (2.64).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            TokenizePackUnits,
+            fn_constructor_args=(tokenizer, seq_len, vocab_size),
+            fn_constructor_kwargs={"on_bad_line": on_bad_line, "holdout": source.holdout_side("train")},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+            num_cpus=data_cpus,
+            **actor_options,
+        )
 
 
 def validation_blocks(
