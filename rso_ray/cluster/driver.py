@@ -392,7 +392,8 @@ class Placement:
     in_process: bool = False
     """The training loop runs in this process (Ray Train's local mode): one CPU worker on an instance this
     driver started, outside Tune. A worker actor would add nothing there but its start: Ray Train's
-    controller and the worker each a new process that imports torch (~8 s of a 2-core machine's start)."""
+    controller and the worker each a new process that imports torch (the default job's first step came 15 s
+    sooner on 2 cores, benchmarks/results/job_timeline_cpu.md)."""
 
 
 def place_workers(cfg: RunConfig, resources: dict[str, float], own_instance: bool = False,
