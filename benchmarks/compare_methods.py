@@ -250,8 +250,9 @@ def save_runs(args: argparse.Namespace, runs: list[dict], method_config, step: i
 def resume_runs(args: argparse.Namespace, runs: list[dict], method_config) -> tuple[int, float]:
     """Restore every run from the newest step all of them have in --checkpoint-dir; returns (the first step
     to train, the seconds already spent). Runs without checkpoints start at step 1 only if none has any."""
-    steps = {id(run): {s for s, path in checkpoints(_run_folder(args.checkpoint_dir, run)) if is_complete(path)}
-             if _run_folder(args.checkpoint_dir, run).is_dir() else set() for run in runs}
+    folders = {id(run): _run_folder(args.checkpoint_dir, run) for run in runs}
+    steps = {key: {s for s, path in checkpoints(folder) if is_complete(path)} if folder.is_dir() else set()
+             for key, folder in folders.items()}
     if not any(steps.values()):
         return 1, 0.0
     common = set.intersection(*steps.values())
@@ -261,7 +262,7 @@ def resume_runs(args: argparse.Namespace, runs: list[dict], method_config) -> tu
                          "resume with the variants and lrs it was written with, or use a new folder")
     step = max(common)
     for run in runs:
-        path = _run_folder(args.checkpoint_dir, run) / checkpoint_name(step)
+        path = folders[id(run)] / checkpoint_name(step)
         want, had = _identity(args, run, method_config), read_state(path).get("compare", {})
         diff = sorted(k for part in ("settings", "method") for k in want[part]
                       if had.get(part, {}).get(k) != want[part][k])

@@ -346,7 +346,6 @@ def _ray_processes_in_their_own_group(enabled: bool) -> Iterator[None]:
         services.ConsolePopen = popen
 
 
-
 def wait_for_workers(cfg: RunConfig, resources: dict[str, float], started_here: bool) -> dict[str, float]:
     """Return once the cluster has the GPUs the smallest worker group needs. A local instance started by
     this process cannot grow: fail at once. A cluster may be scaling up: wait --resource-wait-s, saying

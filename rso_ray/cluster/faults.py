@@ -5,9 +5,10 @@ the restarts it causes).
     python -m rso_ray.train --fault-plan 10:1:step     # worker 1 dies after step 10, once
 
 The point ``error`` raises :class:`InjectedFault` in the training loop instead (after STEP, once): what a
-bug or a transient I/O error does, the process alive. The point ``hold`` pauses instead: worker RANK waits after STEP, each time it gets there (a relaunch or a
-resized worker group included), until the run folder holds a file ``.release_STEP``. An autoscaling test
-uses it to keep a short run going until the autoscaler has acted, instead of racing it.
+bug or a transient I/O error does, the process alive. The point ``hold`` pauses instead: worker RANK waits
+after STEP, each time it gets there (a relaunch or a resized worker group included), until the run folder
+holds a file ``.release_STEP``. An autoscaling test uses it to keep a short run going until the autoscaler
+has acted, instead of racing it.
 """
 
 from __future__ import annotations
