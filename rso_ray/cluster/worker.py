@@ -144,9 +144,31 @@ class WorkerLoop:
         # Rank 0 starts the data stream first, from the newest checkpoint's position, so that its tokenizers
         # start and its first batch is read while the model is built and restored.
         self.feed: DataFeed | None = self._open_feed(newest) if self.rank == 0 else None
-        self.trainee = build_trainee(cfg, rt, self.device, self.autocast, init_weights=newest is None)
+        try:
+            self._set_up(newest)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> WorkerLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the data stream, whatever ended the loop (see DataFeed.close: in the driver's process a stream
+        left to the garbage collector can touch Ray after ray.shutdown())."""
+        if self.feed is not None:
+            self.feed.close()
+
+    def _set_up(self, newest: str | None) -> None:
+        """Everything after the data stream's start: the model, its restore, the tracker."""
+        cfg = self.cfg
+        self.trainee = build_trainee(cfg, self.rt, self.device, self.autocast, init_weights=newest is None)
         self.restored_from = self._restore() if newest else None
         if self.feed is not None and self.restored_from != newest:  # the newest was damaged: an older position
+            self.feed.close()
             self.feed = self._open_feed(None)
         self.trainable_bytes = trainable_bytes(self.trainee.model)  # what DDP all-reduces per step
         self.parameter_set = self.method.parameter_set
@@ -512,7 +534,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     with contextlib.suppress(AttributeError):
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        WorkerLoop(cfg, rt).run()
+        with WorkerLoop(cfg, rt) as loop:
+            loop.run()
     except CheckpointDamaged as err:  # a restart would read the same files: not a worker failure
         _stop(rt, "checkpoint_error", str(err))
     except StopRun:

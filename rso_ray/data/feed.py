@@ -20,6 +20,11 @@ import numpy as np
 
 from .pipeline import ConsumedBlocks, PackedRow, TrainingDataError, find_corrupt_record, packed_rows
 
+RAY_DATA_READER_THREAD = "iter_threaded"
+"""The name of Ray Data's threads that read an iterator's blocks (ray.data._internal.block_batching.util)."""
+READER_JOIN_S = 60.0
+"""The most close() waits for one: a guard against a hang, far above the moment a reader takes."""
+
 
 @dataclass
 class Rows:
@@ -46,6 +51,7 @@ class DataFeed:
         self.notes_seen: list[str] = []  # every bad-line example (the first few per file)
         self._prefetching: threading.Thread | None = None
         self._first: tuple[str, Any] = ("batch", None)
+        self._threads_before = set(threading.enumerate())  # to tell the stream's reader threads by
 
     @classmethod
     def from_dataset(cls, dataset: Any, consumed: ConsumedBlocks, *, batch_rows: int, files: int) -> DataFeed:
@@ -63,6 +69,24 @@ class DataFeed:
 
         self._prefetching = threading.Thread(target=first, name="rso-data-prefetch", daemon=True)
         self._prefetching.start()
+
+    def close(self) -> None:
+        """Stop the stream now: Ray Data's iterator shuts its executor (and tokenizer actors) down when it is
+        closed. Left to the garbage collector, a failed loop's iterator lives as long as its error's
+        traceback, and its shutdown can come after ray.shutdown(), which ends a driver process that ran the
+        loop (tests/test_fault_tolerance.py). A restart's new stream also needs the old one's CPUs."""
+        if self._prefetching is not None:
+            self._prefetching.join()  # a generator cannot be closed while another thread runs it
+            self._prefetching = None
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
+        # Closing only flags Ray Data's reader threads to stop; one in the middle of a ray.get goes on. Until
+        # it ends, a ray.shutdown() can end the process (ray-project/ray#31145), so wait for it: the executor's
+        # shutdown just killed the actors that make blocks, so its ray.get returns at once.
+        for thread in set(threading.enumerate()) - self._threads_before:
+            if thread.name == RAY_DATA_READER_THREAD:
+                thread.join(READER_JOIN_S)
 
     def _next_batch(self) -> dict[str, np.ndarray]:
         if self._prefetching is not None:
