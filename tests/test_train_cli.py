@@ -149,20 +149,21 @@ def test_ctrl_c_before_training_exits_130_with_a_message(monkeypatch: pytest.Mon
     assert capsys.readouterr().err.strip() == f"[rso_ray] {said}"
 
 
-@pytest.mark.parametrize("workers, resources, own, tune, in_process", [
-    ("1", {"CPU": 2.0}, True, False, True),     # the default run: the loop runs in the driver
-    ("2", {"CPU": 2.0}, True, False, False),    # several workers: one process each (DDP)
-    ("1:2", {"CPU": 2.0}, True, False, False),  # elastic: may grow
-    ("1", {"CPU": 2.0}, False, False, False),   # a cluster's instance: the worker goes where Ray puts it
-    ("1", {"CPU": 2.0}, True, True, False),     # a Tune trial: its reports go through Ray Train's callbacks
-    ("1", {"CPU": 2.0, "GPU": 1.0}, True, False, False),  # a GPU worker: Ray Train assigns the device
+@pytest.mark.parametrize("workers, resources, own, tune, parallelism, in_process", [
+    ("1", {"CPU": 2.0}, True, False, "ddp", True),     # the default run: the loop runs in the driver
+    ("2", {"CPU": 2.0}, True, False, "ddp", False),    # several workers: one process each (DDP)
+    ("1:2", {"CPU": 2.0}, True, False, "ddp", False),  # elastic: may grow
+    ("1", {"CPU": 2.0}, False, False, "ddp", False),   # a cluster's instance: the worker goes where Ray puts it
+    ("1", {"CPU": 2.0}, True, True, "ddp", False),     # a Tune trial: its reports go through Ray Train's callbacks
+    ("1", {"CPU": 2.0, "GPU": 1.0}, True, False, "ddp", False),  # a GPU worker: Ray Train assigns the device
+    ("1", {"CPU": 2.0}, True, False, "fsdp", False),   # FSDP needs the process group a worker group sets up
 ])
 def test_which_runs_train_in_the_driver_process(workers: str, resources: dict, own: bool, tune: bool,
-                                                in_process: bool) -> None:
+                                                parallelism: str, in_process: bool) -> None:
     from rso_ray.cluster.driver import place_workers
     from rso_ray.config import config_from_dict
 
-    cfg = config_from_dict({"workers": workers})
+    cfg = config_from_dict({"workers": workers, "parallelism": parallelism})
     place = place_workers(cfg, resources, own_instance=own, tune_trial=tune)
     assert place.in_process is in_process
 

@@ -389,8 +389,8 @@ class Placement:
     """The local Ray instance this driver started: it ends with the driver (and the reaper), so nothing of
     the run can outlive it."""
     in_process: bool = False
-    """The training loop runs in this process (Ray Train's local mode): one CPU worker on an instance this
-    driver started, outside Tune. A worker actor would add nothing there but its start: Ray Train's
+    """The training loop runs in this process (Ray Train's local mode): one CPU worker (DDP) on an instance
+    this driver started, outside Tune. A worker actor would add nothing there but its start: Ray Train's
     controller and the worker each a new process that imports torch (the default job's first step came 15 s
     sooner on 2 cores, benchmarks/results/job_timeline_cpu.md)."""
 
@@ -405,7 +405,8 @@ def place_workers(cfg: RunConfig, resources: dict[str, float], own_instance: boo
     # worker group that takes every CPU would starve the data and hang).
     cpus_per_worker = cfg.cpus_per_worker or (1.0 if use_gpu else max(0.25, (cpus - cfg.data_cpus) / hi))
     threads = max(1, int(cpus_per_worker if (use_gpu or cfg.cpus_per_worker) else cpus // hi))
-    in_process = own_instance and cfg.workers == (1, 1) and not use_gpu and not tune_trial
+    # FSDP shards over a process group, which only a worker group sets up (Ray Train's local mode has none).
+    in_process = own_instance and cfg.workers == (1, 1) and not use_gpu and not tune_trial and cfg.parallelism == "ddp"
     return Placement(use_gpu, cpus_per_worker, threads, own_instance, in_process)
 
 
