@@ -51,7 +51,8 @@ def test_ray_job_submit_trains_and_logs(ray_head, tmp_path: Path) -> None:
     cmd = [
         _ray_cli(), "job", "submit", "--address", address, "--working-dir", str(ROOT),
         "--runtime-env-json", '{"excludes": [".venv", ".git", "rso_runs", "mlflow.db", "benchmarks/results"]}',
-        "--", sys.executable, "-m", "rso_ray.train",  # this venv's python, whatever PATH says "--model", "llama-micro", "--steps", "6", "--eval-every", "6",
+        # this venv's python, whatever PATH finds
+        "--", sys.executable, "-m", "rso_ray.train", "--model", "llama-micro", "--steps", "6", "--eval-every", "6",
         "--eval-tokens", "4096", "--global-batch-size", "8", "--storage-path", str(tmp_path / "runs"),
         "--run-name", "submitted", "--mlflow-tracking-uri", tracking,
     ]
