@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from rso_ray.data.pipeline import (
 )
 from rso_ray.data.records import CorruptRecordError, ReadStats, iter_records
 from rso_ray.data.sources import DataSource, c4_files, resolve_source
-from rso_ray.data.tokenizer import load_tokenizer
+from rso_ray.data.tokenizer import load_encoder, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +169,35 @@ def test_tokenizer_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # The real loading path on a local folder of the hub's format (our shipped tokenizer is one).
     t = load_tokenizer(str(embedded_shards("train")[0].parent / "tokenizer"))
     assert t("hello")["input_ids"][-1] == t.eos_token_id
+
+
+def test_the_embedded_encoder_gives_autotokenizers_ids_over_the_whole_corpus() -> None:
+    """The encoder that packing uses for the embedded tokenizer (tokenizers alone, no transformers) against
+    transformers' AutoTokenizer: the same ids for every document of every embedded shard, the same special
+    tokens and length, so the blocks (and every loss curve measured on them) are the same."""
+
+    encoder, reference = load_encoder("embedded"), load_tokenizer("embedded")
+    assert type(encoder).__name__ == "EmbeddedEncoder"
+    assert (len(encoder), encoder.eos_token_id, encoder.unk_token_id) == \
+        (len(reference), reference.eos_token_id, reference.unk_token_id)
+    documents = 0
+    for shard in embedded_shards("train") + embedded_shards("validation"):
+        with gzip.open(shard, "rt", encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        assert encoder(texts)["input_ids"] == reference(texts, add_special_tokens=True)["input_ids"], shard.name
+        documents += len(texts)
+    assert documents == 8228 + 442  # every document of the 9 shards (embedded/SOURCE.md)
+    assert encoder("The river")["input_ids"] == reference("The river")["input_ids"]
+
+
+def test_a_tokenizer_actor_imports_neither_transformers_nor_torch() -> None:
+    """What a tokenizer actor runs before its first block (its constructor, on the embedded tokenizer)
+    imports neither: each costs seconds of the job's first step on a small machine."""
+    probe = ("import sys; from rso_ray.data.pipeline import TokenizePackUnits; TokenizePackUnits('embedded', 256, 8192); "
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 def test_a_non_utf8_byte_spoils_only_its_own_line(tmp_path: Path) -> None:

@@ -170,13 +170,13 @@ def prepare(cfg: RunConfig) -> Prepared:
     tokenizer (offline load), data files, the fixed validation set, and last the storage path (so that a
     refused launch leaves no folder behind). Raises ValueError/FileNotFoundError with the cause."""
     from ..core.methods import build_method
-    from ..data.tokenizer import load_tokenizer
+    from ..data.tokenizer import load_encoder
     from ..models import build_model
     from ..training.comm import gradient_bytes_ratio
 
     if cfg.init_from:
         _init_from_config(cfg)  # first: the model and the tokenizer may come from that folder
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = load_encoder(cfg.tokenizer)
     vocab = resolve_vocab(cfg, len(tok))
     model = build_model(cfg.model, vocab_size=vocab, device="meta")
     config = getattr(model, "config", None)

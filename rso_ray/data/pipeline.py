@@ -149,9 +149,9 @@ class TokenizePackUnits:
         on_bad_line: str = "skip",
         holdout: Holdout | None = None,
     ):
-        from .tokenizer import load_tokenizer
+        from .tokenizer import load_encoder
 
-        self.packer = Packer(load_tokenizer(tokenizer), seq_len, vocab_size=vocab_size, on_bad_line=on_bad_line,  # type: ignore[arg-type]
+        self.packer = Packer(load_encoder(tokenizer), seq_len, vocab_size=vocab_size, on_bad_line=on_bad_line,  # type: ignore[arg-type]
                              holdout=holdout)
         self.blocks_per_batch = blocks_per_batch
 

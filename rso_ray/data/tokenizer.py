@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,41 @@ def load_tokenizer(spec: str) -> Any:
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {spec!r} has no end-of-sequence token, which packing needs between documents")
     return tok
+
+
+class EmbeddedEncoder:
+    """The embedded tokenizer's encoding through the tokenizers library alone. transformers'
+    PreTrainedTokenizerFast (what AutoTokenizer loads for it) encodes with the same Rust tokenizer and its
+    post-processor; loading it imports transformers and torch, which cost a tokenizer actor ~2 s before its
+    first block and the driver ~1 s (benchmarks/results/job_timeline_cpu.md). Same ids, ends and length as
+    AutoTokenizer's over the whole embedded corpus: tests/test_data_pipeline.py. Packing needs no more."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        self.name_or_path = str(folder)
+        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._tok.no_truncation()  # as transformers sets it for a call without truncation or padding
+        self._tok.no_padding()
+        special = json.loads((folder / "tokenizer_config.json").read_text())
+        self.eos_token_id = self._tok.token_to_id(special["eos_token"])
+        self.unk_token_id = self._tok.token_to_id(special["unk_token"])
+
+    def __len__(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def __call__(self, texts: str | list[str], add_special_tokens: bool = True) -> dict[str, Any]:
+        if isinstance(texts, str):
+            return {"input_ids": self._tok.encode(texts, add_special_tokens=add_special_tokens).ids}
+        return {"input_ids": [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]}
+
+
+def load_encoder(spec: str) -> Any:
+    """What packing needs of a tokenizer (call, eos/unk ids, length): :class:`EmbeddedEncoder` for the
+    embedded one, else :func:`load_tokenizer`'s. Export and anything that saves a tokenizer use the latter."""
+    if spec == EMBEDDED:
+        return EmbeddedEncoder(Path(resolve_tokenizer_path(spec)))
+    return load_tokenizer(spec)
 
 
 def tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
