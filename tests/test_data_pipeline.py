@@ -175,15 +175,13 @@ def test_the_embedded_encoder_gives_autotokenizers_ids_over_the_whole_corpus() -
     """The encoder that packing uses for the embedded tokenizer (tokenizers alone, no transformers) against
     transformers' AutoTokenizer: the same ids for every document of every embedded shard, the same special
     tokens and length, so the blocks (and every loss curve measured on them) are the same."""
-
     encoder, reference = load_encoder("embedded"), load_tokenizer("embedded")
     assert type(encoder).__name__ == "EmbeddedEncoder"
     assert (len(encoder), encoder.eos_token_id, encoder.unk_token_id) == \
         (len(reference), reference.eos_token_id, reference.unk_token_id)
     documents = 0
     for shard in embedded_shards("train") + embedded_shards("validation"):
-        with gzip.open(shard, "rt", encoding="utf-8") as f:
-            texts = [json.loads(line)["text"] for line in f]
+        texts = [record["text"] for record in iter_records([shard], on_bad_line="error")]
         assert encoder(texts)["input_ids"] == reference(texts, add_special_tokens=True)["input_ids"], shard.name
         documents += len(texts)
     assert documents == 8228 + 442  # every document of the 9 shards (embedded/SOURCE.md)
