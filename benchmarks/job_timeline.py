@@ -56,6 +56,7 @@ def seconds(text: str) -> float:
 def launch(checkout: Path, extra: list[str]) -> tuple[dict[str, float], list[tuple[float, str]], float]:
     """One run of the default job in a fresh folder: (marker -> seconds after launch, timed lines, job time)."""
     env = dict(os.environ, PYTHONPATH=str(checkout.resolve()), PYTHONUNBUFFERED="1", RAY_ADDRESS="")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a warm machine has rso_ray's bytecode cached, as a user's would
     with tempfile.TemporaryDirectory(prefix="rso-timeline-") as work:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "rso_ray.train", *extra], cwd=work, env=env,

@@ -1,6 +1,6 @@
 """Rank 0's reader of the training stream (rso_ray.data.feed.DataFeed) on batches made by the pipeline's own
 writer, without Ray: global batches in stream order, blocks of a newer record skipped, the first batch read
-ahead in a thread, and errors said in the data's terms."""
+ahead in a thread, a head read in this process before the stream, and errors said in the data's terms."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ import pytest
 
 from rso_ray.data.embedded_assets import embedded_shards
 from rso_ray.data.feed import DataFeed
-from rso_ray.data.pipeline import ConsumedBlocks, CorruptRecordError, TokenizePackUnits, TrainingDataError
+from rso_ray.data.pipeline import (
+    ConsumedBlocks,
+    CorruptRecordError,
+    TokenizePackUnits,
+    TrainingDataError,
+    read_units_here,
+    train_units,
+)
+from rso_ray.data.sources import DataSource
 
 
 def _batches(units: int = 2) -> list[dict[str, np.ndarray]]:
@@ -89,3 +97,49 @@ def test_epochs_estimate_matches_a_whole_file_count(tmp_path) -> None:
         cfg, _ = parse_config(["--steps", str(steps), "--storage-path", str(tmp_path)])
         want = int(min(cfg.max_epochs, math.ceil(1.25 * steps * cfg.global_batch_size / exact) + 1))
         assert epochs_needed(cfg, src, tok, len(tok)) == want
+
+
+def _source(files: int) -> DataSource:
+    shard = str(embedded_shards("validation")[0])
+    return DataSource("three", (shard,) * files, (shard,))
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_head_read_here_then_the_rest_is_the_whole_streams_order(prefetch: bool) -> None:
+    """A loop in the driver reads the stream's first unit itself (read_units_here) and Ray Data the rest
+    (build_train_dataset(skip_units=1), here its units made by the same callable without Ray): the reader
+    gives the blocks and ids of the whole stream read in one piece, across the seam, and the head skips
+    what a newer record holds as the stream would."""
+    source = _source(3)
+    stream = dict(tokenizer="embedded", seq_len=64, vocab_size=8192, seed=5, epochs=1)
+    units = train_units(source, seed=5, epochs=1, consumed=ConsumedBlocks())
+    fn = TokenizePackUnits("embedded", 64, 8192)
+
+    def made(todo: list[dict]) -> list[dict[str, np.ndarray]]:
+        return [b for u in todo for b in fn({k: [u[k]] for k in ("unit", "path", "skip")})]
+
+    whole = DataFeed(iter(made(units)), ConsumedBlocks(), files=3)
+    record = ConsumedBlocks()
+    for block in range(4):
+        record.add(units[0]["unit"], block, last=False)
+    split = DataFeed(iter(made(train_units(source, seed=5, epochs=1, consumed=record)[1:])), record, files=3,
+                     head=read_units_here(source, **stream, consumed=record, units=1))
+    if prefetch:
+        split.prefetch()
+    first_unit = sum(len(b["block"]) for b in made(units[:1]))  # the seam falls inside the reads below
+    want = whole.take(4 + first_unit + 50)
+    got = split.take(first_unit + 50)
+    assert got.units == want.units[4:] and got.blocks == want.blocks[4:]
+    assert np.array_equal(got.ids, want.ids[4:])
+    assert got.units[first_unit - 5] == units[0]["unit"] and got.units[first_unit] == units[1]["unit"]
+
+
+def test_a_bad_line_in_the_head_is_said_in_the_datas_terms(tmp_path) -> None:
+    bad = tmp_path / "train.json"
+    bad.write_text('{"text": "fine words here"}\nnot json\n')
+    source = DataSource("bad", (str(bad), str(bad)), (str(bad),))
+    feed = DataFeed(iter([]), ConsumedBlocks(), files=2,
+                    head=read_units_here(source, tokenizer="embedded", seq_len=8, vocab_size=8192, seed=0, epochs=1,
+                                         consumed=ConsumedBlocks(), units=1, on_bad_line="error"))
+    with pytest.raises(TrainingDataError, match=r"train\.json, line 2: .*\(--on-bad-line error\)"):
+        feed.take(1)

@@ -39,7 +39,13 @@ from ..console import human_bytes, human_duration
 from ..core.memory import SavedTensorCounter, unique_bytes
 from ..core.methods import TrainingMethod, build_method
 from ..data.feed import DataFeed, Rows
-from ..data.pipeline import ConsumedBlocks, TrainingDataError, build_train_dataset
+from ..data.pipeline import (
+    ConsumedBlocks,
+    TrainingDataError,
+    build_train_dataset,
+    read_units_here,
+    train_units,
+)
 from ..models import build_model
 from ..models.hf_io import load_pretrained
 from ..training import storage
@@ -73,6 +79,7 @@ from .messages import Outcome, WorkerRuntime, write_outcome
 from .tracking import MlflowTracker, NullTracker, Tracker, flatten_params
 
 NOTES_SHOWN = 10  # bad-line examples printed per attempt; the count goes on in the metrics
+HEAD_UNITS = 1  # units a loop in the driver's process reads itself before Ray Data's stream (_open_feed)
 
 
 class StopRun(Exception):
@@ -245,14 +252,23 @@ class WorkerLoop:
         if checkpoint is not None:
             self.consumed.load_state_dict(read_state(checkpoint)["data"])
         cfg = self.cfg
+        stream: dict[str, Any] = dict(tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=self.rt.vocab_size,
+                                      seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed,
+                                      on_bad_line=cfg.on_bad_line)
+        # In the driver's process (one CPU worker) the loop reads the stream's first unit itself, lazily, while
+        # Ray Data starts its executor and tokenizer actor for the rest: the first step no longer waits for
+        # them (first batch and step 6.7 -> 3.4 s on 2 cores, benchmarks/results/job_timeline_cpu.md); their start
+        # and burst then overlap the first steps instead. Tokenizing here costs the CPUs the
+        # actor would have used. A worker actor (a GPU's) keeps its CPU time for feeding the GPU.
+        left = len(train_units(self.rt.source, seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed))
+        head = HEAD_UNITS if self.rt.in_process and left > HEAD_UNITS else 0
         dataset = build_train_dataset(
-            self.rt.source, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=self.rt.vocab_size,
-            seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed, on_bad_line=cfg.on_bad_line,
-            concurrency=cfg.data_actor_range(), data_cpus=cfg.data_cpus,
-            buffer_mb=cfg.data_buffer_mb, restart_actors=not self.rt.in_process,
+            self.rt.source, **stream, concurrency=cfg.data_actor_range(), data_cpus=cfg.data_cpus,
+            buffer_mb=cfg.data_buffer_mb, restart_actors=not self.rt.in_process, skip_units=head,
         )
         feed = DataFeed.from_dataset(dataset, self.consumed, batch_rows=min(cfg.global_batch_size, 256),
-                                     files=len(self.rt.source.train))
+                                     files=len(self.rt.source.train),
+                                     head=read_units_here(self.rt.source, **stream, units=head) if head else None)
         feed.prefetch()
         return feed
 

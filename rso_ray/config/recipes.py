@@ -37,8 +37,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "llama-micro": dict(steps=40, rank=16, global_batch_size=8, micro_batch_size=8, resample_every=10,
                         eval_every=20, eval_tokens=8192, apollo_rank=16,
                         lr={"rso": 3e-3, "adamw": 3e-3, "galore": 1e-2, **_NEW_LR, "muon": 3e-3}),
+    # eval_every = steps: the default job evaluates once, at its end (a mid-run evaluation of its 65k tokens
+    # took 6 s of a 90 s job, benchmarks/results/job_timeline_cpu.md; the progress lines show the train loss).
     "llama-tiny": dict(steps=100, rank=64, global_batch_size=16, micro_batch_size=16, resample_every=50,
-                       eval_every=50, eval_tokens=65536, apollo_rank=32, **_TINY_LR),
+                       eval_every=100, eval_tokens=65536, apollo_rank=32, **_TINY_LR),
     "llama-mini": dict(steps=1000, rank=48, global_batch_size=16, micro_batch_size=16, resample_every=100,
                        eval_every=100, eval_tokens=65536, apollo_rank=48,
                        **(_TINY_LR | dict(lr={"rso": 6e-3, "adamw": 6e-3, "galore": 6e-3, "apollo": 6e-3,

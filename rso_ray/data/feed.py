@@ -40,7 +40,10 @@ class Rows:
 class DataFeed:
     """Global batches of the stream's blocks (rows of ``batches``), minus blocks already consumed."""
 
-    def __init__(self, batches: Iterable[dict[str, np.ndarray]], consumed: ConsumedBlocks, files: int):
+    def __init__(self, batches: Iterable[dict[str, np.ndarray]], consumed: ConsumedBlocks, files: int,
+                 head: Iterator[dict[str, np.ndarray]] | None = None):
+        self.head = head
+        """Batches of the stream's first units, read before ``batches`` (rso_ray.data.pipeline.read_units_here)."""
         self.iterator: Iterator[dict[str, np.ndarray]] = iter(batches)
         self.consumed = consumed
         self.files = files  # units per epoch: a whole epoch without a block means there is no data
@@ -54,9 +57,11 @@ class DataFeed:
         self._threads_before = set(threading.enumerate())  # to tell the stream's reader threads by
 
     @classmethod
-    def from_dataset(cls, dataset: Any, consumed: ConsumedBlocks, *, batch_rows: int, files: int) -> DataFeed:
-        """A feed over a Ray Dataset of packed blocks (read ahead by two batches)."""
-        return cls(dataset.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2), consumed, files)
+    def from_dataset(cls, dataset: Any, consumed: ConsumedBlocks, *, batch_rows: int, files: int,
+                     head: Iterator[dict[str, np.ndarray]] | None = None) -> DataFeed:
+        """A feed over a Ray Dataset of packed blocks (read ahead by two batches), after ``head``'s batches."""
+        return cls(dataset.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2), consumed,
+                   files, head)
 
     def prefetch(self) -> None:
         """Start reading the first batch in a thread (the pipeline starts its tokenizers meanwhile), so that
@@ -78,9 +83,11 @@ class DataFeed:
         if self._prefetching is not None:
             self._prefetching.join()  # a generator cannot be closed while another thread runs it
             self._prefetching = None
-        close = getattr(self.iterator, "close", None)
-        if close is not None:
-            close()
+        for stream in (self.head, self.iterator):
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        self.head = None
         # Closing only flags Ray Data's reader threads to stop; one in the middle of a ray.get goes on. Until
         # it ends, a ray.shutdown() can end the process (ray-project/ray#31145), so wait for it: the executor's
         # shutdown just killed the actors that make blocks, so its ray.get returns at once.
@@ -89,6 +96,13 @@ class DataFeed:
                 thread.join(READER_JOIN_S)
 
     def _next_batch(self) -> dict[str, np.ndarray]:
+        if self.head is not None:
+            try:
+                return next(self.head)
+            except StopIteration:
+                self.head = None
+            except BaseException as err:
+                self._raise(err)
         if self._prefetching is not None:
             self._prefetching.join()
             self._prefetching, (kind, value) = None, self._first

@@ -244,6 +244,24 @@ def find_corrupt_record(err: BaseException) -> CorruptRecordError | None:
     return None
 
 
+def _set_up_data_context(buffer_mb: int) -> None:
+    """Ray Data's settings for the training stream (this process's DataContext, which the dataset carries)."""
+    import ray.data
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    from .idle_backoff import IdleBackoff
+
+    ctx = ray.data.DataContext.get_current()
+    if IdleBackoff not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(IdleBackoff)
+    ctx.enable_progress_bars = False
+    # A fixed stream order (the same blocks for the same seed), and backpressure: the tokenizer works at
+    # most buffer_mb ahead of training rather than racing through every epoch.
+    ctx.execution_options = ExecutionOptions(
+        preserve_order=True, resource_limits=ExecutionResources(object_store_memory=buffer_mb * 2**20)
+    )
+
+
 def build_train_dataset(
     source: DataSource,
     *,
@@ -258,8 +276,12 @@ def build_train_dataset(
     data_cpus: float = 1.0,
     buffer_mb: int = 64,
     restart_actors: bool = True,
+    skip_units: int = 0,
 ) -> Any:
     """A lazy Ray Dataset of packed blocks, in a fixed order, without the blocks in ``consumed``.
+
+    ``skip_units``: the stream starts after the first units still to read (those :func:`read_units_here`
+    reads for the caller: the stream's head).
 
     ``restart_actors=False``: a tokenizer actor that dies is not restarted by Ray Data (its default restarts
     it and retries its unit); the reader's stream fails, and the training loop's restart rebuilds it from the
@@ -273,20 +295,11 @@ def build_train_dataset(
     units = train_units(source, seed=seed, epochs=epochs, consumed=consumed)
     if not units:
         raise ValueError("no training data left: every unit of every epoch is consumed (raise --max-epochs)")
+    units = units[skip_units:]
+    if not units:
+        raise ValueError(f"skip_units={skip_units} leaves no unit to stream: the head would hold every unit")
     lo, hi = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
-    from ray.data import ExecutionOptions, ExecutionResources
-
-    from .idle_backoff import IdleBackoff
-
-    ctx = ray.data.DataContext.get_current()
-    if IdleBackoff not in ctx.custom_execution_callback_classes:
-        ctx.custom_execution_callback_classes.append(IdleBackoff)
-    ctx.enable_progress_bars = False
-    # A fixed stream order (the same blocks for the same seed), and backpressure: the tokenizer works at
-    # most buffer_mb ahead of training rather than racing through every epoch.
-    ctx.execution_options = ExecutionOptions(
-        preserve_order=True, resource_limits=ExecutionResources(object_store_memory=buffer_mb * 2**20)
-    )
+    _set_up_data_context(buffer_mb)
     # One unit per block for parallel reads, at most MAX_BLOCKS blocks (each then holds a few units, read in
     # order by one task) so that hundreds of epochs of a big file list stay cheap to plan.
     ds = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_BLOCKS))
@@ -325,3 +338,26 @@ def validation_blocks(
                 else "the validation files")
         raise ValueError(f"{what} yield no block of {seq_len} tokens: {list(source.validation_files())[:3]}")
     return np.stack(got)
+
+
+def read_units_here(
+    source: DataSource,
+    *,
+    tokenizer: str,
+    seq_len: int,
+    vocab_size: int,
+    seed: int,
+    epochs: int,
+    consumed: ConsumedBlocks,
+    units: int,
+    on_bad_line: str = "skip",
+) -> Iterator[dict[str, np.ndarray]]:
+    """The batches the stream's first ``units`` units give (what ``build_train_dataset(skip_units=units)``
+    leaves out), made lazily in this process by the same :class:`TokenizePackUnits`: the same blocks in the
+    same order. A reader that starts with them has its first batch without waiting for Ray Data's executor
+    and its tokenizer actor to start (seconds), and tokenizes only as far as training reads."""
+    todo = train_units(source, seed=seed, epochs=epochs, consumed=consumed)[:units]
+    pack = TokenizePackUnits(tokenizer, seq_len, vocab_size, on_bad_line=on_bad_line,
+                             holdout=source.holdout_side("train"))
+    for unit in todo:
+        yield from pack({"unit": [unit["unit"]], "path": [unit["path"]], "skip": [unit["skip"]]})
