@@ -111,7 +111,6 @@ def test_a_head_read_here_then_the_rest_is_the_whole_streams_order(prefetch: boo
     gives the blocks and ids of the whole stream read in one piece, across the seam, and the head skips
     what a newer record holds as the stream would."""
     source = _source(3)
-    stream = dict(tokenizer="embedded", seq_len=64, vocab_size=8192, seed=5, epochs=1)
     units = train_units(source, seed=5, epochs=1, consumed=ConsumedBlocks())
     fn = TokenizePackUnits("embedded", 64, 8192)
 
@@ -122,8 +121,9 @@ def test_a_head_read_here_then_the_rest_is_the_whole_streams_order(prefetch: boo
     record = ConsumedBlocks()
     for block in range(4):
         record.add(units[0]["unit"], block, last=False)
-    split = DataFeed(iter(made(train_units(source, seed=5, epochs=1, consumed=record)[1:])), record, files=3,
-                     head=read_units_here(source, **stream, consumed=record, units=1))
+    left = train_units(source, seed=5, epochs=1, consumed=record)
+    split = DataFeed(iter(made(left[1:])), record, files=3,
+                     head=read_units_here(source, left[:1], tokenizer="embedded", seq_len=64, vocab_size=8192))
     if prefetch:
         split.prefetch()
     first_unit = sum(len(b["block"]) for b in made(units[:1]))  # the seam falls inside the reads below
@@ -139,7 +139,7 @@ def test_a_bad_line_in_the_head_is_said_in_the_datas_terms(tmp_path) -> None:
     bad.write_text('{"text": "fine words here"}\nnot json\n')
     source = DataSource("bad", (str(bad), str(bad)), (str(bad),))
     feed = DataFeed(iter([]), ConsumedBlocks(), files=2,
-                    head=read_units_here(source, tokenizer="embedded", seq_len=8, vocab_size=8192, seed=0, epochs=1,
-                                         consumed=ConsumedBlocks(), units=1, on_bad_line="error"))
+                    head=read_units_here(source, train_units(source, seed=0, epochs=1, consumed=ConsumedBlocks())[:1],
+                                         tokenizer="embedded", seq_len=8, vocab_size=8192, on_bad_line="error"))
     with pytest.raises(TrainingDataError, match=r"train\.json, line 2: .*\(--on-bad-line error\)"):
         feed.take(1)

@@ -252,23 +252,24 @@ class WorkerLoop:
         if checkpoint is not None:
             self.consumed.load_state_dict(read_state(checkpoint)["data"])
         cfg = self.cfg
-        stream: dict[str, Any] = dict(tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=self.rt.vocab_size,
-                                      seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed,
-                                      on_bad_line=cfg.on_bad_line)
+        pack: dict[str, Any] = dict(tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, vocab_size=self.rt.vocab_size,
+                                    on_bad_line=cfg.on_bad_line)
         # In the driver's process (one CPU worker) the loop reads the stream's first unit itself, lazily, while
         # Ray Data starts its executor and tokenizer actor for the rest: the first step no longer waits for
-        # them (first batch and step 6.7 -> 3.4 s on 2 cores, benchmarks/results/job_timeline_cpu.md); their start
-        # and burst then overlap the first steps instead. Tokenizing here costs the CPUs the
-        # actor would have used. A worker actor (a GPU's) keeps its CPU time for feeding the GPU.
-        left = len(train_units(self.rt.source, seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed))
-        head = HEAD_UNITS if self.rt.in_process and left > HEAD_UNITS else 0
+        # them (first batch and step 6.7 -> 3.4 s on 2 cores, benchmarks/results/job_timeline_cpu.md); their
+        # start and burst then overlap the first steps instead. Tokenizing here costs the CPUs the actor would
+        # have used. A worker actor (a GPU's) keeps its CPU time for feeding the GPU.
+        units = (train_units(self.rt.source, seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed)
+                 if self.rt.in_process else [])
+        head = units[:HEAD_UNITS] if len(units) > HEAD_UNITS else []
         dataset = build_train_dataset(
-            self.rt.source, **stream, concurrency=cfg.data_actor_range(), data_cpus=cfg.data_cpus,
-            buffer_mb=cfg.data_buffer_mb, restart_actors=not self.rt.in_process, skip_units=head,
+            self.rt.source, **pack, seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed,
+            concurrency=cfg.data_actor_range(), data_cpus=cfg.data_cpus, buffer_mb=cfg.data_buffer_mb,
+            restart_actors=not self.rt.in_process, skip_units=len(head),
         )
         feed = DataFeed.from_dataset(dataset, self.consumed, batch_rows=min(cfg.global_batch_size, 256),
                                      files=len(self.rt.source.train),
-                                     head=read_units_here(self.rt.source, **stream, units=head) if head else None)
+                                     head=read_units_here(self.rt.source, head, **pack) if head else None)
         feed.prefetch()
         return feed
 

@@ -342,22 +342,18 @@ def validation_blocks(
 
 def read_units_here(
     source: DataSource,
+    units: list[dict[str, Any]],
     *,
     tokenizer: str,
     seq_len: int,
     vocab_size: int,
-    seed: int,
-    epochs: int,
-    consumed: ConsumedBlocks,
-    units: int,
     on_bad_line: str = "skip",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The batches the stream's first ``units`` units give (what ``build_train_dataset(skip_units=units)``
-    leaves out), made lazily in this process by the same :class:`TokenizePackUnits`: the same blocks in the
-    same order. A reader that starts with them has its first batch without waiting for Ray Data's executor
-    and its tokenizer actor to start (seconds), and tokenizes only as far as training reads."""
-    todo = train_units(source, seed=seed, epochs=epochs, consumed=consumed)[:units]
+    """The batches that ``units`` (the first of :func:`train_units`, which ``build_train_dataset(skip_units=
+    len(units))`` leaves out) give, made lazily in this process by the same :class:`TokenizePackUnits`: the
+    same blocks in the same order. A reader that starts with them has its first batch without waiting for Ray
+    Data's executor and its tokenizer actor to start (seconds), and tokenizes only as far as training reads."""
     pack = TokenizePackUnits(tokenizer, seq_len, vocab_size, on_bad_line=on_bad_line,
                              holdout=source.holdout_side("train"))
-    for unit in todo:
+    for unit in units:
         yield from pack({"unit": [unit["unit"]], "path": [unit["path"]], "skip": [unit["skip"]]})
