@@ -89,8 +89,9 @@ def delivered_rate(batches: Iterable[dict[str, np.ndarray]], seconds: float) -> 
 
 def pipeline_rate(tokenizer: str, seq_len: int, vocab_size: int, actors: int, seconds: float) -> tuple[float, float]:
     """Tokens/s that rank 0 receives from the run's own pipeline with ``actors`` tokenizer actors."""
-    dataset = build_train_dataset(resolve_source("embedded"), tokenizer=tokenizer, seq_len=seq_len,
-                                  vocab_size=vocab_size, seed=0, epochs=100, consumed=ConsumedBlocks(),
+    source = resolve_source("embedded")
+    units = train_units(source, seed=0, epochs=100, consumed=ConsumedBlocks())
+    dataset = build_train_dataset(source, units, tokenizer=tokenizer, seq_len=seq_len, vocab_size=vocab_size,
                                   concurrency=actors)
     return delivered_rate(dataset.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=2), seconds)
 

@@ -178,6 +178,42 @@ def test_local_c4_shards_with_a_corrupt_line(micro_config, metric_history, train
     assert "yields no block (2 bad line(s))" in notes
 
 
+def test_a_stream_cut_short_by_its_estimate_goes_on_to_the_rest(
+    micro_config, final_checkpoint, train_run, ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0's first dataset ends where the budget is estimated to end (rso_ray.data.pipeline.stream_segments).
+    Here the estimate (a unit of a billion blocks) falls far short of files of about 20 blocks: the reader
+    opens a second dataset for the rest, and the run trains the blocks of a stream that was not cut, in the
+    same order: the same weights bit for bit, steps x global batch blocks consumed."""
+    import rso_ray.cluster.driver as driver
+    import rso_ray.cluster.worker as worker
+    from rso_ray.data.pipeline import StreamEstimate
+
+    data = _c4_folder(tmp_path, [(f"c4-train.0000{i}-of-00004.json.gz", _good_lines(15 * i, 15 * i + 15))
+                                 for i in range(4)])
+    built: list[int] = []
+    real = worker.build_train_dataset
+
+    def recording(source, units, **options):  # the units of each dataset the reader opens
+        built.append(len(units))
+        return real(source, units, **options)
+
+    monkeypatch.setattr(worker, "build_train_dataset", recording)
+    results, datasets = {}, {}
+    for name, per_unit in (("whole", None), ("cut", 1e9)):
+        monkeypatch.setattr(driver, "estimate_stream", lambda *a, per_unit=per_unit, **k: StreamEstimate(6, per_unit))
+        built.clear()
+        cfg = micro_config(tmp_path, RUN, data=str(data), workers="1", steps=8, eval_every=8, run_name=name)
+        assert train_run(cfg)["steps"] == 8
+        results[name], datasets[name] = final_checkpoint(cfg), list(built)
+    assert len(datasets["whole"]) == 1 and len(datasets["cut"]) == 2  # the rest was opened
+    assert sum(datasets["cut"]) == datasets["whole"][0]
+    weights, state = results["cut"]
+    assert state["data"]["blocks"] == results["whole"][1]["data"]["blocks"] == 8 * 8
+    for key, value in results["whole"][0].items():
+        assert torch.equal(weights[key], value), key
+
+
 def test_a_bad_line_under_on_bad_line_error_stops_at_once(micro_config, train_run, ray_local, tmp_path: Path) -> None:
     """A deterministic data error: no restart (--max-failures 3), the file and line in the error."""
     from rso_ray.cluster.driver import TrainingDataFailed

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from ..config import RunConfig
 from ..console import format_table, human_duration
-from ..data.pipeline import validation_blocks
+from ..data.pipeline import STREAM_MARGIN, StreamEstimate, validation_blocks
 from ..data.sources import DataSource, resolve_source
 from ..models import DEMO_MODELS
 from ..training.engine import perplexity
@@ -145,8 +145,8 @@ class Prepared:
     tokenizer_vocab: int
     validation: Any  # (N, seq_len) int32 numpy array
     comm_ratio_llama_1b: float
-    epochs: int
-    """Epochs of units in the train stream: enough for the token budget (with a margin), at most --max-epochs."""
+    stream: StreamEstimate
+    """The training stream's length: epochs and the blocks of a unit."""
     validation_note: str = ""
     """How --eval-tokens was rounded to the validation set's whole blocks, said at start ("" if not at all)."""
 
@@ -193,9 +193,9 @@ def prepare(cfg: RunConfig) -> Prepared:
         on_bad_line=cfg.on_bad_line,
     )
     ratio = gradient_bytes_ratio("llama-1b", 512)["ratio"]
-    epochs = epochs_needed(cfg, source, tok, vocab)
+    stream = estimate_stream(cfg, source, tok, vocab)
     check_writable(cfg.storage_path)
-    return Prepared(cfg, source, vocab, len(tok), val, ratio, epochs, validation_note(cfg, len(val)))
+    return Prepared(cfg, source, vocab, len(tok), val, ratio, stream, validation_note(cfg, len(val)))
 
 
 def validation_note(cfg: RunConfig, blocks: int) -> str:
@@ -237,12 +237,14 @@ def check_init_from(cfg: RunConfig, model: Any) -> None:
         raise ValueError(f"--init-from {cfg.init_from} does not fit --model {cfg.model}: {err}") from None
 
 
-def epochs_needed(cfg: RunConfig, source: DataSource, tok: Any, vocab: int, *, sample_docs: int = 256) -> int:
-    """How many passes over the train files the run needs: a stream that ends soon after the budget lets
-    Ray Data finish instead of tokenizing (or waiting on backpressure) far ahead of training. Estimated
-    from the first file when it is local and small (the blocks of its first ``sample_docs`` documents,
-    scaled by its line count: reading beats tokenizing it whole), from C4's known size for 'c4', else
-    --max-epochs. The stream ends after 1.25x the budget plus an epoch, so an estimate suffices."""
+def estimate_stream(cfg: RunConfig, source: DataSource, tok: Any, vocab: int, *, sample_docs: int = 256) -> StreamEstimate:
+    """How long the training stream must be: the epochs the budget needs, with a margin, and the blocks a
+    unit gives (the reader cuts the stream there: rso_ray.data.pipeline.stream_segments). A stream that ends
+    soon after the budget lets Ray Data finish instead of tokenizing (or waiting on backpressure) far ahead of
+    training. Estimated from the first file when it is local and small (the blocks of its first
+    ``sample_docs`` documents, scaled by its line count: reading beats tokenizing it whole), from C4's known
+    size for 'c4', else unknown (--max-epochs, not cut). The stream ends after 1.25x the budget plus an
+    epoch, so an estimate suffices."""
     from pathlib import Path
 
     from ..data.files import open_binary
@@ -254,7 +256,7 @@ def epochs_needed(cfg: RunConfig, source: DataSource, tok: Any, vocab: int, *, s
     if source.name == "c4":
         per_epoch = C4_TRAIN_TOKENS // cfg.seq_len
     elif "://" in first or Path(first).stat().st_size > 64 * 2**20:
-        return cfg.max_epochs
+        return StreamEstimate(cfg.max_epochs)
     else:
         with open_binary(first) as fh:
             lines = sum(1 for line in fh if line.strip())
@@ -263,7 +265,8 @@ def epochs_needed(cfg: RunConfig, source: DataSource, tok: Any, vocab: int, *, s
         tokens = len(Packer(tok, cfg.seq_len, vocab_size=vocab).encode(texts)) if texts else 0
         per_file = tokens / cfg.seq_len * max(1.0, lines / max(len(texts), 1))
         per_epoch = max(1, int(per_file * len(source.train)))
-    return int(min(cfg.max_epochs, math.ceil(1.25 * needed / per_epoch) + 1))
+    epochs = int(min(cfg.max_epochs, math.ceil(STREAM_MARGIN * needed / per_epoch) + 1))
+    return StreamEstimate(epochs, per_epoch / len(source.train))
 
 
 def _init_ray(max_failures: int | None = None) -> tuple[dict[str, float], bool]:
@@ -552,7 +555,7 @@ def _fit(cfg: RunConfig, prep: Prepared, folder: str, run_id: str, place: Placem
     launch_id = uuid.uuid4().hex[:12]
     runtime = WorkerRuntime(
         run_dir=folder, launch_id=launch_id, mlflow_run_id=run_id, vocab_size=prep.vocab_size, source=prep.source,
-        data_fingerprint=prep.source.fingerprint(), epochs=prep.epochs, validation=ray.put(prep.validation),
+        data_fingerprint=prep.source.fingerprint(), stream=prep.stream, validation=ray.put(prep.validation),
         threads=place.threads, llama_1b_comm_ratio=prep.comm_ratio_llama_1b, in_process=place.in_process,
         eval_with_every_report=callbacks is not None,  # reports with a reader (Tune)
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..data.pipeline import StreamEstimate
 from ..data.sources import DataSource
 from ..training import storage
 
@@ -29,8 +30,8 @@ class WorkerRuntime:
     vocab_size: int
     source: DataSource
     data_fingerprint: str
-    epochs: int
-    """Epochs of units in the training stream."""
+    stream: StreamEstimate
+    """The training stream's length: its epochs of units, and the blocks a unit gives (where the reader cuts it)."""
     validation: Any
     """Ray object reference of the (N, seq_len) int32 validation blocks."""
     threads: int

@@ -44,6 +44,7 @@ from ..data.pipeline import (
     TrainingDataError,
     build_train_dataset,
     read_units_here,
+    stream_segments,
     train_units,
 )
 from ..models import build_model
@@ -256,21 +257,28 @@ class WorkerLoop:
                                     on_bad_line=cfg.on_bad_line)
         # In the driver's process (one CPU worker) the loop reads the stream's first unit itself, lazily, while
         # Ray Data starts its executor and tokenizer actor for the rest: the first step no longer waits for
-        # them (first batch and step 6.7 -> 3.4 s on 2 cores, benchmarks/results/job_timeline_cpu.md); their
-        # start and burst then overlap the first steps instead. Tokenizing here costs the CPUs the actor would
-        # have used. A worker actor (a GPU's) keeps its CPU time for feeding the GPU.
-        units = (train_units(self.rt.source, seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed)
-                 if self.rt.in_process else [])
-        head = units[:HEAD_UNITS] if len(units) > HEAD_UNITS else []
-        dataset = build_train_dataset(
-            self.rt.source, **pack, seed=cfg.seed, epochs=self.rt.epochs, consumed=self.consumed,
-            concurrency=cfg.data_actor_range(), data_cpus=cfg.data_cpus, buffer_mb=cfg.data_buffer_mb,
-            restart_actors=not self.rt.in_process, skip_units=len(head),
+        # them (first batch and step 6.7 -> 3.4 s on 2 cores, benchmarks/results/job_timeline_cpu.md). A worker
+        # actor (a GPU's) keeps its CPU time for feeding the GPU. The dataset ends where the budget is estimated
+        # to end; the units after it are opened only if it falls short.
+        units = train_units(self.rt.source, seed=cfg.seed, epochs=self.rt.stream.epochs, consumed=self.consumed)
+        head, first, rest = stream_segments(
+            units, head=HEAD_UNITS if self.rt.in_process else 0, blocks_per_unit=self.rt.stream.blocks_per_unit,
+            blocks_left=cfg.steps * cfg.global_batch_size - self.consumed.blocks,
         )
-        feed = DataFeed.from_dataset(dataset, self.consumed, batch_rows=min(cfg.global_batch_size, 256),
+
+        def dataset(todo: list[dict[str, Any]]) -> Any:
+            return build_train_dataset(
+                self.rt.source, todo, **pack, concurrency=cfg.data_actor_range(), data_cpus=cfg.data_cpus,
+                buffer_mb=cfg.data_buffer_mb, restart_actors=not self.rt.in_process,
+            )
+
+        feed = DataFeed.from_dataset(dataset(first), self.consumed, batch_rows=min(cfg.global_batch_size, 256),
                                      files=len(self.rt.source.train),
-                                     head=read_units_here(self.rt.source, head, **pack) if head else None)
-        feed.prefetch()
+                                     head=read_units_here(self.rt.source, head, **pack) if head else None,
+                                     rest=(lambda: dataset(rest)) if rest else None)
+        # The dataset's executor and tokenizer actor start once the first step is done when a head feeds it
+        # (on 2 cores they slowed that step from 0.6 to 2 s; the head holds a file's blocks, many steps' worth).
+        feed.prefetch(after_takes=1 if head else 0)
         return feed
 
     def validation_blocks(self) -> torch.Tensor:

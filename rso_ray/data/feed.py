@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -41,10 +41,14 @@ class DataFeed:
     """Global batches of the stream's blocks (rows of ``batches``), minus blocks already consumed."""
 
     def __init__(self, batches: Iterable[dict[str, np.ndarray]], consumed: ConsumedBlocks, files: int,
-                 head: Iterator[dict[str, np.ndarray]] | None = None):
+                 head: Iterator[dict[str, np.ndarray]] | None = None,
+                 rest: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None):
         self.head = head
         """Batches of the stream's first units, read before ``batches`` (rso_ray.data.pipeline.read_units_here)."""
         self.iterator: Iterator[dict[str, np.ndarray]] = iter(batches)
+        self.rest = rest
+        """Opens the batches of the units after ``batches``', read only if ``batches`` end before training does
+        (rso_ray.data.pipeline.stream_segments: the stream is cut where the budget is estimated to end)."""
         self.consumed = consumed
         self.files = files  # units per epoch: a whole epoch without a block means there is no data
         self.buffer: list[PackedRow] = []
@@ -53,19 +57,35 @@ class DataFeed:
         self.notes: list[str] = []  # new bad-line examples and empty files, for rank 0 to print
         self.notes_seen: list[str] = []  # every bad-line example (the first few per file)
         self._prefetching: threading.Thread | None = None
+        self._prefetch_at: int | None = None  # the take() count at which the prefetch starts (prefetch())
+        self._takes = 0
         self._first: tuple[str, Any] = ("batch", None)
         self._threads_before = set(threading.enumerate())  # to tell the stream's reader threads by
 
     @classmethod
     def from_dataset(cls, dataset: Any, consumed: ConsumedBlocks, *, batch_rows: int, files: int,
-                     head: Iterator[dict[str, np.ndarray]] | None = None) -> DataFeed:
-        """A feed over a Ray Dataset of packed blocks (read ahead by two batches), after ``head``'s batches."""
-        return cls(dataset.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2), consumed,
-                   files, head)
+                     head: Iterator[dict[str, np.ndarray]] | None = None,
+                     rest: Callable[[], Any] | None = None) -> DataFeed:
+        """A feed over a Ray Dataset of packed blocks (read ahead by two batches), after ``head``'s batches;
+        ``rest`` builds the dataset that goes on after ``dataset``'s end (None: the stream ends there)."""
+        def batches(ds: Any) -> Iterable[dict[str, np.ndarray]]:
+            return ds.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2)
 
-    def prefetch(self) -> None:
+        return cls(batches(dataset), consumed, files, head, (lambda: batches(rest())) if rest is not None else None)
+
+    def prefetch(self, *, after_takes: int = 0) -> None:
         """Start reading the first batch in a thread (the pipeline starts its tokenizers meanwhile), so that
-        the stream warms up while the caller builds the model; the first take() waits for it."""
+        the stream warms up while the caller builds the model; the first take() that needs it waits for it.
+        ``after_takes``: start it only once take() has returned that many times. A reader whose head feeds
+        the first steps thus lets its first step run before Ray Data's executor and actor start competing
+        for the CPUs."""
+        self._prefetch_at = self._takes + after_takes
+        if after_takes == 0:
+            self._start_prefetch()
+
+    def _start_prefetch(self) -> None:
+        self._prefetch_at = None
+
         def first() -> None:
             try:
                 self._first = ("batch", next(self.iterator))
@@ -80,14 +100,20 @@ class DataFeed:
         closed. Left to the garbage collector, a failed loop's iterator lives as long as its error's
         traceback, and its shutdown can come after ray.shutdown(), which ends a driver process that ran the
         loop (tests/test_fault_tolerance.py). A restart's new stream also needs the old one's CPUs."""
+        self._prefetch_at = None
         if self._prefetching is not None:
             self._prefetching.join()  # a generator cannot be closed while another thread runs it
             self._prefetching = None
-        for stream in (self.head, self.iterator):
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-        self.head = None
+        close = getattr(self.head, "close", None)
+        if close is not None:
+            close()
+        self.head, self.rest = None, None
+        self._close_iterator()
+
+    def _close_iterator(self) -> None:
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
         # Closing only flags Ray Data's reader threads to stop; one in the middle of a ray.get goes on. Until
         # it ends, a ray.shutdown() can end the process (ray-project/ray#31145), so wait for it: the executor's
         # shutdown just killed the actors that make blocks, so its ray.get returns at once.
@@ -103,16 +129,28 @@ class DataFeed:
                 self.head = None
             except BaseException as err:
                 self._raise(err)
+        while True:
+            try:
+                return self._next_of_iterator()
+            except StopIteration as err:
+                if self.rest is None:
+                    self._raise(err)
+                # The estimate fell short: the units after this dataset's. Its executor stops first, so that
+                # the next one has the CPUs (a stall of a few seconds, once).
+                self._close_iterator()
+                self.iterator, self.rest = iter(self.rest()), None
+            except BaseException as err:
+                self._raise(err)
+
+    def _next_of_iterator(self) -> dict[str, np.ndarray]:
+        self._prefetch_at = None  # read here now: a prefetch still to start would read out of turn
         if self._prefetching is not None:
             self._prefetching.join()
             self._prefetching, (kind, value) = None, self._first
-            if kind == "batch":
-                return value  # type: ignore[return-value]
-            self._raise(value)
-        try:
-            return next(self.iterator)
-        except BaseException as err:
-            self._raise(err)
+            if kind == "error":
+                raise value
+            return value  # type: ignore[no-any-return]
+        return next(self.iterator)
 
     def _raise(self, err: BaseException) -> NoReturn:
         """The reader's error, said in the data's terms where it is the data's fault."""
@@ -154,6 +192,9 @@ class DataFeed:
 
     def take(self, n: int) -> Rows:
         """The next ``n`` blocks of the stream (not yet committed)."""
+        if self._prefetch_at is not None and self._takes >= self._prefetch_at:
+            self._start_prefetch()
+        self._takes += 1
         while len(self.buffer) < n:
             for row in packed_rows(self._next_batch()):
                 self._accept(row)

@@ -19,6 +19,7 @@ the run's seed), so workers never have to agree on an epoch boundary while in th
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -132,6 +133,42 @@ def train_units(source: DataSource, *, seed: int, epochs: int, consumed: Consume
                 continue
             units.append({"unit": key, "path": source.train[i], "skip": json.dumps(consumed.ranges.get(key, []))})
     return units
+
+
+@dataclass(frozen=True)
+class StreamEstimate:
+    """How long the training stream is: worked out once by the driver, before any worker starts."""
+
+    epochs: int
+    """Epochs of units in the stream: enough for the token budget with a margin, at most --max-epochs."""
+    blocks_per_unit: float | None = None
+    """Estimated blocks one unit (a file in an epoch) gives; None when unknown (remote or very big files):
+    then the stream is not cut (:func:`stream_segments`)."""
+
+
+STREAM_MARGIN = 1.25
+"""The first segment of the stream holds this many times the estimated units left, plus one unit: a file
+shorter than the estimate (or a unit half consumed) still leaves the budget inside the segment."""
+
+
+def stream_segments(units: list[dict[str, Any]], *, head: int, blocks_left: int,
+                    blocks_per_unit: float | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The units still to read (:func:`train_units`, in stream order) cut into three runs that, read one after
+    the other, are the same stream: ``head`` units a reader reads in its own process
+    (:func:`read_units_here`), the first dataset's units, enough for ``blocks_left`` blocks with a margin,
+    and the rest, opened only if the estimate falls short. Ray Data tokenizes as far ahead as its buffer
+    allows; a stream as long as the whole budget plus an epoch made the default run tokenize 15 files where
+    it trains on one (a burst that slowed its first steps threefold, benchmarks/results/job_timeline_cpu.md).
+
+    Raises ValueError when no unit is left."""
+    if not units:
+        raise ValueError("no training data left: every unit of every epoch is consumed (raise --max-epochs)")
+    head = head if len(units) > head else 0  # the dataset after the head holds one unit at least
+    cut = len(units)
+    if blocks_per_unit is not None:
+        cover = math.ceil(STREAM_MARGIN * max(blocks_left, 0) / max(blocks_per_unit, 1.0)) + 1
+        cut = min(len(units), max(head + 1, cover))
+    return units[:head], units[head:cut], units[cut:]
 
 
 class TokenizePackUnits:
@@ -264,24 +301,19 @@ def _set_up_data_context(buffer_mb: int) -> None:
 
 def build_train_dataset(
     source: DataSource,
+    units: list[dict[str, Any]],
     *,
     tokenizer: str,
     seq_len: int,
     vocab_size: int,
-    seed: int,
-    epochs: int,
-    consumed: ConsumedBlocks,
     on_bad_line: str = "skip",
     concurrency: int | tuple[int, int] = (1, 4),
     data_cpus: float = 1.0,
     buffer_mb: int = 64,
     restart_actors: bool = True,
-    skip_units: int = 0,
 ) -> Any:
-    """A lazy Ray Dataset of packed blocks, in a fixed order, without the blocks in ``consumed``.
-
-    ``skip_units``: the stream starts after the first units still to read (those :func:`read_units_here`
-    reads for the caller: the stream's head).
+    """A lazy Ray Dataset of the packed blocks of ``units`` (rows of :func:`train_units`, or a segment of
+    them: :func:`stream_segments`), in their order, without the blocks in each unit's skip ranges.
 
     ``restart_actors=False``: a tokenizer actor that dies is not restarted by Ray Data (its default restarts
     it and retries its unit); the reader's stream fails, and the training loop's restart rebuilds it from the
@@ -292,12 +324,8 @@ def build_train_dataset(
 
     import ray.data
 
-    units = train_units(source, seed=seed, epochs=epochs, consumed=consumed)
     if not units:
-        raise ValueError("no training data left: every unit of every epoch is consumed (raise --max-epochs)")
-    units = units[skip_units:]
-    if not units:
-        raise ValueError(f"skip_units={skip_units} leaves no unit to stream: the head would hold every unit")
+        raise ValueError("a training dataset needs one unit at least")
     lo, hi = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
     _set_up_data_context(buffer_mb)
     # One unit per block for parallel reads, at most MAX_BLOCKS blocks (each then holds a few units, read in
@@ -349,8 +377,7 @@ def read_units_here(
     vocab_size: int,
     on_bad_line: str = "skip",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The batches that ``units`` (the first of :func:`train_units`, which ``build_train_dataset(skip_units=
-    len(units))`` leaves out) give, made lazily in this process by the same :class:`TokenizePackUnits`: the
+    """The batches that ``units`` (the stream's head: :func:`stream_segments`) give, made lazily in this process by the same :class:`TokenizePackUnits`: the
     same blocks in the same order. A reader that starts with them has its first batch without waiting for Ray
     Data's executor and its tokenizer actor to start (seconds), and tokenizes only as far as training reads."""
     pack = TokenizePackUnits(tokenizer, seq_len, vocab_size, on_bad_line=on_bad_line,
