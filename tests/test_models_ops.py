@@ -82,6 +82,22 @@ def test_no_grad_loss_keeps_nothing() -> None:
     assert_close(loss, F.cross_entropy(h.detach() @ w.detach().t(), labels))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_an_evaluation_loss_computes_no_gradient(grad: bool) -> None:
+    """Under no_grad (evaluation) the fused loss does the logits' matmul alone: autograd still reports a
+    parameter as needing its gradient there, and the weight's gradient (one more matmul of the same size)
+    was computed and dropped in every evaluation. With grad on, the two gradients' matmuls come too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t, n, vocab = 64, 8, 32
+    h, w = torch.randn(t, n, requires_grad=True), torch.nn.Parameter(torch.randn(vocab, n))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.set_grad_enabled(grad):
+        chunked_cross_entropy(h if grad else h.detach(), w, torch.randint(0, vocab, (t,)), chunk_tokens=16)
+    logits = 2 * t * vocab * n
+    assert counter.get_total_flops() == (3 * logits if grad else logits)
+
+
 def test_llama_matches_transformers() -> None:
     """Same weights in transformers' LlamaForCausalLM: same logits and loss (float64)."""
     from transformers import LlamaConfig as HFConfig

@@ -100,12 +100,16 @@ class _ChunkedCEFn(torch.autograd.Function):
         ignore_index: int,
         chunk: int,
         dtype: torch.dtype,
+        grad_enabled: bool,
     ) -> torch.Tensor:
         # hidden: (T, n); weight: (V, n); labels: (T,)
         valid = labels != ignore_index
         acc = torch.float64 if dtype == torch.float64 else torch.float32  # softmax/accumulation precision
         denom = valid.sum().clamp(min=1).to(acc)  # a tensor: no host sync, and traceable on meta
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Under no_grad (evaluation) autograd still marks a parameter as needing its gradient; forward runs
+        # with grad mode off whatever the caller's, so the caller's mode comes in as ``grad_enabled``.
+        need_dh = grad_enabled and ctx.needs_input_grad[0]
+        need_dw = grad_enabled and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_dh else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
         loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
@@ -143,7 +147,7 @@ class _ChunkedCEFn(torch.autograd.Function):
         grad_w = saved.pop(0) if ctx.has[1] else None
         dh = grad_h * dloss.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * dloss).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -162,5 +166,6 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     dtype = compute_dtype(hidden)
     return _ChunkedCEFn.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index, chunk_tokens, dtype
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index, chunk_tokens, dtype,
+        torch.is_grad_enabled(),
     )
