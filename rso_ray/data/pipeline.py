@@ -183,13 +183,14 @@ class TokenizePackUnits:
         vocab_size: int,
         *,
         blocks_per_batch: int = 256,
+        docs_per_chunk: int = 512,
         on_bad_line: str = "skip",
         holdout: Holdout | None = None,
     ):
         from .tokenizer import load_encoder
 
         self.packer = Packer(load_encoder(tokenizer), seq_len, vocab_size=vocab_size, on_bad_line=on_bad_line,  # type: ignore[arg-type]
-                             holdout=holdout)
+                             holdout=holdout, docs_per_chunk=docs_per_chunk)
         self.blocks_per_batch = blocks_per_batch
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
@@ -380,7 +381,10 @@ def read_units_here(
     """The batches that ``units`` (the stream's head: :func:`stream_segments`) give, made lazily in this process by the same :class:`TokenizePackUnits`: the
     same blocks in the same order. A reader that starts with them has its first batch without waiting for Ray
     Data's executor and its tokenizer actor to start (seconds), and tokenizes only as far as training reads."""
+    # Smaller pieces than an actor's: the loop waits for its first batch (0.22 s with 512 documents a
+    # tokenizer call and 256 blocks a batch, 0.04 s with 64 and 64; the whole file 0.43 s against 0.50 s).
+    # Each document is tokenized alone, so the blocks are the same whatever the pieces.
     pack = TokenizePackUnits(tokenizer, seq_len, vocab_size, on_bad_line=on_bad_line,
-                             holdout=source.holdout_side("train"))
+                             holdout=source.holdout_side("train"), blocks_per_batch=64, docs_per_chunk=64)
     for unit in units:
         yield from pack({"unit": [unit["unit"]], "path": [unit["path"]], "skip": [unit["skip"]]})
