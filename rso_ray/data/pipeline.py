@@ -378,9 +378,10 @@ def read_units_here(
     vocab_size: int,
     on_bad_line: str = "skip",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The batches that ``units`` (the stream's head: :func:`stream_segments`) give, made lazily in this process by the same :class:`TokenizePackUnits`: the
-    same blocks in the same order. A reader that starts with them has its first batch without waiting for Ray
-    Data's executor and its tokenizer actor to start (seconds), and tokenizes only as far as training reads."""
+    """The batches that ``units`` (the stream's head: :func:`stream_segments`) give, made lazily in this
+    process by the same :class:`TokenizePackUnits`: the same blocks in the same order. A reader that starts
+    with them has its first batch without waiting for Ray Data's executor and its tokenizer actor to start
+    (seconds), and tokenizes only as far as training reads."""
     # Smaller pieces than an actor's: the loop waits for its first batch (0.22 s with 512 documents a
     # tokenizer call and 256 blocks a batch, 0.04 s with 64 and 64; the whole file 0.43 s against 0.50 s).
     # Each document is tokenized alone, so the blocks are the same whatever the pieces.
