@@ -125,6 +125,19 @@ def test_stream_segments_cut_after_the_budget_and_a_margin() -> None:
     assert StreamEstimate(3).blocks_per_unit is None
 
 
+def test_a_reader_with_a_head_takes_a_short_stream_whole() -> None:
+    """whole_here: the 5 units the estimate covers go to the head when 5 or more may (no dataset before the
+    rest); with 4 the cut is as without it; a reader without a head (an actor) never takes them; an
+    unknown size is never taken whole; fewer units left than the estimate covers: all of them, no rest."""
+    units = [{"unit": f"e0/f{i}"} for i in range(10)]
+    covered = dict(blocks_left=250, blocks_per_unit=100.0)  # ceil(1.25 * 2.5) + 1 = 5 units
+    assert stream_segments(units, head=1, whole_here=5, **covered) == (units[:5], [], units[5:])
+    assert stream_segments(units, head=1, whole_here=4, **covered) == (units[:1], units[1:5], units[5:])
+    assert stream_segments(units, head=0, whole_here=5, **covered) == ([], units[:5], units[5:])
+    assert stream_segments(units, head=1, whole_here=5, blocks_left=250, blocks_per_unit=None) == (units[:1], units[1:], [])
+    assert stream_segments(units[:3], head=1, whole_here=5, **covered) == (units[:3], [], [])
+
+
 def _source(files: int) -> DataSource:
     shard = str(embedded_shards("validation")[0])
     return DataSource("three", (shard,) * files, (shard,))

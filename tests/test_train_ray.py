@@ -181,10 +181,12 @@ def test_local_c4_shards_with_a_corrupt_line(micro_config, metric_history, train
 def test_a_stream_cut_short_by_its_estimate_goes_on_to_the_rest(
     micro_config, final_checkpoint, train_run, ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rank 0's first dataset ends where the budget is estimated to end (rso_ray.data.pipeline.stream_segments).
-    Here the estimate (a unit of a billion blocks) falls far short of files of about 20 blocks: the reader
-    opens a second dataset for the rest, and the run trains the blocks of a stream that was not cut, in the
-    same order: the same weights bit for bit, steps x global batch blocks consumed."""
+    """Rank 0's stream ends where the budget is estimated to end (rso_ray.data.pipeline.stream_segments), and
+    this loop in the driver's process reads a stream of at most WHOLE_HERE_UNITS units itself. Files of about
+    20 blocks, 64 blocks trained: an unknown size (one dataset after the head's unit); an estimate far too
+    low (a unit of a billion blocks: the head takes 2 units, then a dataset for the rest is opened); an
+    estimate of 30 blocks a unit (the head takes 4 units, enough: no dataset at all). Each run trains the
+    blocks of the uncut stream in the same order: the same weights bit for bit, 64 blocks consumed."""
     import rso_ray.cluster.driver as driver
     import rso_ray.cluster.worker as worker
     from rso_ray.data.pipeline import StreamEstimate
@@ -199,19 +201,21 @@ def test_a_stream_cut_short_by_its_estimate_goes_on_to_the_rest(
         return real(source, units, **options)
 
     monkeypatch.setattr(worker, "build_train_dataset", recording)
+    assert worker.WHOLE_HERE_UNITS == 4
     results, datasets = {}, {}
-    for name, per_unit in (("whole", None), ("cut", 1e9)):
+    for name, per_unit in (("whole", None), ("cut", 1e9), ("here", 30.0)):
         monkeypatch.setattr(driver, "estimate_stream", lambda *a, per_unit=per_unit, **k: StreamEstimate(6, per_unit))
         built.clear()
         cfg = micro_config(tmp_path, RUN, data=str(data), workers="1", steps=8, eval_every=8, run_name=name)
         assert train_run(cfg)["steps"] == 8
         results[name], datasets[name] = final_checkpoint(cfg), list(built)
-    assert len(datasets["whole"]) == 1 and len(datasets["cut"]) == 2  # the rest was opened
-    assert sum(datasets["cut"]) == datasets["whole"][0]
-    weights, state = results["cut"]
-    assert state["data"]["blocks"] == results["whole"][1]["data"]["blocks"] == 8 * 8
-    for key, value in results["whole"][0].items():
-        assert torch.equal(weights[key], value), key
+    units = 6 * 4
+    assert datasets == {"whole": [units - 1], "cut": [units - 2], "here": []}
+    for name in ("cut", "here"):
+        weights, state = results[name]
+        assert state["data"]["blocks"] == results["whole"][1]["data"]["blocks"] == 8 * 8
+        for key, value in results["whole"][0].items():
+            assert torch.equal(weights[key], value), (name, key)
 
 
 def test_a_bad_line_under_on_bad_line_error_stops_at_once(micro_config, train_run, ray_local, tmp_path: Path) -> None:

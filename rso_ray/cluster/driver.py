@@ -570,7 +570,8 @@ def _fit(cfg: RunConfig, prep: Prepared, folder: str, run_id: str, place: Placem
           f"({len(prep.validation) * (cfg.seq_len - 1):,} predicted tokens per evaluation"
           + (f"; {prep.validation_note}" if prep.validation_note else "") + f"); {prep.source.describe_validation()}",
           flush=True)
-    keep_data_actors_on_this_node()
+    if not place.in_process:  # in the driver's process, rank 0's datasets put them on this node anyway
+        keep_data_actors_on_this_node()
     if place.own_instance:
         lean_local_train_controller()
     trainer = build_trainer(cfg, place, runtime, callbacks)
@@ -632,7 +633,9 @@ def keep_data_actors_on_this_node() -> None:
     0's training worker: that GPU node then never counts as idle, and the autoscaler keeps it (and bills it)
     after the job (tests/test_autoscaling.py saw the node that had held rank 0 stay up with nothing running).
     Created by the driver first, they live on the driver's node (the head under ``ray job submit``), as Ray
-    Data means them to; rank 0 then finds them by name. Both take no CPU."""
+    Data means them to; rank 0 then finds them by name. Both take no CPU once started, but each is a worker
+    process to start (~1 s of CPU): a loop in the driver's process, whose datasets would put them here
+    anyway, leaves them to its first dataset, if any (the default run has none: rso_ray.cluster.worker)."""
     try:  # Ray Data internals (ray 2.60, as pinned); if they move, the helpers stay where rank 0 starts them
         from ray.data._internal.execution.node_trackers import get_or_create_actor_location_tracker
         from ray.data._internal.stats import get_or_create_stats_actor

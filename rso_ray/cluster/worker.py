@@ -81,6 +81,7 @@ from .tracking import MlflowTracker, NullTracker, Tracker, flatten_params
 
 NOTES_SHOWN = 10  # bad-line examples printed per attempt; the count goes on in the metrics
 HEAD_UNITS = 1  # units a loop in the driver's process reads itself before Ray Data's stream (_open_feed)
+WHOLE_HERE_UNITS = 4  # ... or all of them, when the estimated stream is this many units or fewer (the margin's included)
 
 
 class StopRun(Exception):
@@ -257,13 +258,15 @@ class WorkerLoop:
                                     on_bad_line=cfg.on_bad_line)
         # In the driver's process (one CPU worker) the loop reads the stream's first unit itself, lazily, while
         # Ray Data starts its executor and tokenizer actor for the rest: the first step no longer waits for
-        # them (first batch and step 6.7 -> 3.4 s on 2 cores, benchmarks/results/job_timeline_cpu.md). A worker
-        # actor (a GPU's) keeps its CPU time for feeding the GPU. The dataset ends where the budget is estimated
-        # to end; the units after it are opened only if it falls short.
+        # them (first batch and step 6.7 -> 3.4 s on 2 cores, benchmarks/results/job_timeline_cpu.md). A short
+        # stream (the default run's) it reads whole: no Ray Data at all unless the estimate falls short. A
+        # worker actor (a GPU's) keeps its CPU time for feeding the GPU. The dataset ends where the budget is
+        # estimated to end; the units after it are opened only if it falls short.
         units = train_units(self.rt.source, seed=cfg.seed, epochs=self.rt.stream.epochs, consumed=self.consumed)
+        here = self.rt.in_process
         head, first, rest = stream_segments(
-            units, head=HEAD_UNITS if self.rt.in_process else 0, blocks_per_unit=self.rt.stream.blocks_per_unit,
-            blocks_left=cfg.steps * cfg.global_batch_size - self.consumed.blocks,
+            units, head=HEAD_UNITS if here else 0, whole_here=WHOLE_HERE_UNITS if here else 0,
+            blocks_per_unit=self.rt.stream.blocks_per_unit, blocks_left=cfg.steps * cfg.global_batch_size - self.consumed.blocks,
         )
 
         def dataset(todo: list[dict[str, Any]]) -> Any:
@@ -272,13 +275,14 @@ class WorkerLoop:
                 buffer_mb=cfg.data_buffer_mb, restart_actors=not self.rt.in_process,
             )
 
-        feed = DataFeed.from_dataset(dataset(first), self.consumed, batch_rows=min(cfg.global_batch_size, 256),
-                                     files=len(self.rt.source.train),
+        feed = DataFeed.from_dataset(dataset(first) if first else None, self.consumed,
+                                     batch_rows=min(cfg.global_batch_size, 256), files=len(self.rt.source.train),
                                      head=read_units_here(self.rt.source, head, **pack) if head else None,
                                      rest=(lambda: dataset(rest)) if rest else None)
         # The dataset's executor and tokenizer actor start once the first step is done when a head feeds it
         # (on 2 cores they slowed that step from 0.6 to 2 s; the head holds a file's blocks, many steps' worth).
-        feed.prefetch(after_takes=1 if head else 0)
+        if first:
+            feed.prefetch(after_takes=1 if head else 0)
         return feed
 
     def validation_blocks(self) -> torch.Tensor:

@@ -63,15 +63,17 @@ class DataFeed:
         self._threads_before = set(threading.enumerate())  # to tell the stream's reader threads by
 
     @classmethod
-    def from_dataset(cls, dataset: Any, consumed: ConsumedBlocks, *, batch_rows: int, files: int,
+    def from_dataset(cls, dataset: Any | None, consumed: ConsumedBlocks, *, batch_rows: int, files: int,
                      head: Iterator[dict[str, np.ndarray]] | None = None,
                      rest: Callable[[], Any] | None = None) -> DataFeed:
         """A feed over a Ray Dataset of packed blocks (read ahead by two batches), after ``head``'s batches;
-        ``rest`` builds the dataset that goes on after ``dataset``'s end (None: the stream ends there)."""
+        ``rest`` builds the dataset that goes on after ``dataset``'s end (None: the stream ends there).
+        ``dataset`` None: none between the head and the rest (a head that holds the whole estimated stream)."""
         def batches(ds: Any) -> Iterable[dict[str, np.ndarray]]:
             return ds.iter_batches(batch_size=batch_rows, batch_format="numpy", prefetch_batches=2)
 
-        return cls(batches(dataset), consumed, files, head, (lambda: batches(rest())) if rest is not None else None)
+        return cls(batches(dataset) if dataset is not None else (), consumed, files, head,
+                   (lambda: batches(rest())) if rest is not None else None)
 
     def prefetch(self, *, after_takes: int = 0) -> None:
         """Start reading the first batch in a thread (the pipeline starts its tokenizers meanwhile), so that

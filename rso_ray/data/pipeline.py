@@ -151,8 +151,8 @@ STREAM_MARGIN = 1.25
 shorter than the estimate (or a unit half consumed) still leaves the budget inside the segment."""
 
 
-def stream_segments(units: list[dict[str, Any]], *, head: int, blocks_left: int,
-                    blocks_per_unit: float | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+def stream_segments(units: list[dict[str, Any]], *, head: int, blocks_left: int, blocks_per_unit: float | None,
+                    whole_here: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """The units still to read (:func:`train_units`, in stream order) cut into three runs that, read one after
     the other, are the same stream: ``head`` units a reader reads in its own process
     (:func:`read_units_here`), the first dataset's units, enough for ``blocks_left`` blocks with a margin,
@@ -160,14 +160,21 @@ def stream_segments(units: list[dict[str, Any]], *, head: int, blocks_left: int,
     allows; a stream as long as the whole budget plus an epoch made the default run tokenize 15 files where
     it trains on one (a burst that slowed its first steps threefold, benchmarks/results/job_timeline_cpu.md).
 
+    ``whole_here``: a reader with a head (``head`` > 0) takes every unit the estimate covers into its head
+    when they are this many or fewer, and the first dataset is empty: Ray Data then starts only if the
+    estimate falls short. Its start (an executor and four actor processes, ~4 s of CPU on 2 cores) costs
+    more than tokenizing a few files in the reader's process (0.4 s a file of the embedded corpus).
+
     Raises ValueError when no unit is left."""
     if not units:
         raise ValueError("no training data left: every unit of every epoch is consumed (raise --max-epochs)")
-    head = head if len(units) > head else 0  # the dataset after the head holds one unit at least
-    cut = len(units)
+    cover = len(units)
     if blocks_per_unit is not None:
-        cover = math.ceil(STREAM_MARGIN * max(blocks_left, 0) / max(blocks_per_unit, 1.0)) + 1
-        cut = min(len(units), max(head + 1, cover))
+        cover = min(len(units), math.ceil(STREAM_MARGIN * max(blocks_left, 0) / max(blocks_per_unit, 1.0)) + 1)
+        if head and cover <= whole_here:
+            return units[:cover], [], units[cover:]
+    head = head if len(units) > head else 0  # the dataset after the head holds one unit at least
+    cut = max(head + 1, cover)
     return units[:head], units[head:cut], units[cut:]
 
 
