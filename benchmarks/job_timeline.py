@@ -15,7 +15,8 @@ side by side). Phases, from the launch of the process:
 - to the worker's first line ("starting: MODEL / METHOD, ..."): the worker group, the model, the method,
   a restored checkpoint, the data pipeline;
 - to "step 1/": the first batch and the first step;
-- the steps: the run's summed step times ("training time" of the summary);
+- the steps: the run's summed step times (its outcome file's ``wall_time``; the summary's "training time"
+  is the same sum rounded to whole seconds);
 - evaluation, checkpoints and logging: the rest of the time from "step 1/" to "done:";
 - to the process's exit: the summary, MLflow, Ray's shutdown.
 """
@@ -67,12 +68,16 @@ def launch(checkout: Path, extra: list[str]) -> tuple[dict[str, float], list[tup
             lines.append((time.perf_counter() - t0, line.rstrip()))
         code = proc.wait()
         job = time.perf_counter() - t0
+        outcomes = list(Path(work).rglob("rso_outcome.json"))  # the summed step times, unrounded
+        exact = json.loads(outcomes[0].read_text()).get("wall_time") if len(outcomes) == 1 else None
     if code != 0:
         raise RuntimeError(f"the job failed ({code}): " + "\n".join(text for _, text in lines[-20:]))
     found = {}
     for name, pattern in MARKERS.items():
         found[name] = next((t for t, text in lines if pattern.search(text)), float("nan"))
-    train = next((seconds(m.group(1)) for _, text in lines if (m := TRAINING_TIME.search(text))), float("nan"))
+    # The summary rounds "training time" to whole seconds; the run's outcome file has it exactly.
+    train = exact if exact is not None else next(
+        (seconds(m.group(1)) for _, text in lines if (m := TRAINING_TIME.search(text))), float("nan"))
     found["training_time"] = train
     return found, lines, job
 
